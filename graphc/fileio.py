@@ -1,0 +1,60 @@
+"""Small file helpers shared by every reader and writer.
+
+Outputs are written atomically (a temporary file in the same directory, fsynced, then
+``os.replace``) so that an interrupted or failed write never leaves a half-written
+checkpoint or clobbers a good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from graphc.errors import GraphcError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_exact(f: BinaryIO, nbytes: int, where, field: str) -> bytes:
+    """Read exactly ``nbytes`` or raise a clear 'truncated' error naming the field."""
+    data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise GraphcError(where, f"file is truncated: expected {nbytes} bytes, found {len(data)}", field)
+    return data
+
+
+def read_array(f: BinaryIO, dtype, count: int, where, field: str) -> np.ndarray:
+    """Read ``count`` items of ``dtype`` (little-endian) or raise a 'truncated' error."""
+    dtype = np.dtype(dtype)
+    return np.frombuffer(read_exact(f, dtype.itemsize * count, where, field), dtype=dtype, count=count).copy()
+
+
+def open_input(path: str | os.PathLike, what: str) -> BinaryIO:
+    """Open a file for reading, turning a missing file into a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise GraphcError(path, f"{what} not found")
+    if path.is_dir():
+        raise GraphcError(path, f"{what} is a directory, expected a file")
+    return open(path, "rb")
