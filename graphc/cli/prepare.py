@@ -1,0 +1,35 @@
+"""``graphc prepare``: tokenize Tiny Shakespeare into llm.c's train/val shards."""
+
+from __future__ import annotations
+
+import argparse
+
+from graphc.data.prepare import DEFAULT_VAL_TOKENS, find_tinyshakespeare, prepare_tinyshakespeare
+
+HELP = "tokenize Tiny Shakespeare into llm.c-format train/val token shards (as llm.c's tinyshakespeare.py)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        metavar="TEXT_FILE",
+        help="text to tokenize (default: $GRAPHC_DATA_DIR/tinyshakespeare.txt, else a cached download)",
+    )
+    parser.add_argument("--out", metavar="DIR", default="data/tinyshakespeare", help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--tokenizer-dir",
+        metavar="DIR",
+        help="directory with OpenAI's vocab.bpe and encoder.json (default: $GRAPHC_TOKENIZER_DIR, else tiktoken's gpt2)",
+    )
+    parser.add_argument(
+        "--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, metavar="N", help="first N tokens form the validation split (default: %(default)s)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    input_path = args.input if args.input is not None else find_tinyshakespeare()
+    result = prepare_tinyshakespeare(input_path, args.out, tokenizer_dir=args.tokenizer_dir, val_tokens=args.val_tokens)
+    print(f"wrote {result.val_tokens} val tokens to {result.val_path}")
+    print(f"wrote {result.train_tokens} train tokens to {result.train_path}")
+    print(f"wrote the llm.c tokenizer ({result.vocab_size} tokens) to {result.tokenizer_path}")
+    return 0
