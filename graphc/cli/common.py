@@ -1,0 +1,40 @@
+"""Flags and checks shared by several commands (one definition, many users)."""
+
+from __future__ import annotations
+
+import argparse
+
+from graphc.backends import REGISTRY
+from graphc.errors import GraphcError
+from graphc.models.config import GPT2Config
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="llm.c .bin, HF model.safetensors (file or folder), or a size name "
+                        "(d12, gpt2-medium, L4H4C128) for a seeded random init")
+    p.add_argument("--seed", type=int, default=0, help="seed for random init and sampling (default 0)")
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="onnxruntime", choices=sorted(REGISTRY),
+                   help="execution backend (default onnxruntime, CPU)")
+    p.add_argument("--no-opt", action="store_true", help="run the unoptimised graphs (no fusion passes)")
+
+
+def positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
+        return value
+
+    return parse
+
+
+def check_seq_len(cfg: GPT2Config, T: int, flag: str = "-t") -> None:
+    if T > cfg.max_seq_len:
+        raise GraphcError(flag, f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}", "T")

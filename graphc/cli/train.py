@@ -1,0 +1,88 @@
+"""``graphc train``: train GPT-2 with the compiled training runner."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from graphc.cli.common import add_backend_args, add_model_args, positive
+
+HELP = "train GPT-2 (forward + autodiff backward + AdamW) on llm.c token shards"
+
+
+def add_arguments(p):
+    add_model_args(p)
+    p.add_argument("--train-data", required=True, help="train shard or glob (llm.c format)")
+    p.add_argument("--val-data", help="val shard or glob; omit to skip validation")
+    p.add_argument("-b", dest="B", type=positive("-b"), default=4, help="batch size (default 4)")
+    p.add_argument("-t", dest="T", type=positive("-t"), default=64, help="sequence length (default 64)")
+    p.add_argument("--steps", type=positive("--steps"), required=True, help="optimizer steps, numbered 0..N-1")
+    o = p.add_argument_group("optimizer (AdamW as llm.c)")
+    o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.999)
+    o.add_argument("--eps", type=float, default=1e-8)
+    o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default 0)")
+    o.add_argument("--decay-matrices-only", action="store_true",
+                   help="decay only 2-D weights (PyTorch/nanoGPT convention); llm.c's CPU trainer decays all")
+    o.add_argument("--grad-clip", type=float, default=0.0, help="global-norm clip, 0 = off (default)")
+    o.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="cosine: linear warmup then cosine decay to lr*lr-final-frac (constant with the defaults)")
+    o.add_argument("--warmup", type=int, default=0, help="warmup steps (default 0)")
+    o.add_argument("--lr-final-frac", type=float, default=1.0, help="final lr as a fraction of --lr (default 1.0)")
+    r = p.add_argument_group("run")
+    r.add_argument("--val-every", type=int, default=10, help="val loss before every Kth step (default 10)")
+    r.add_argument("--val-batches", type=positive("--val-batches"), default=5, help="val batches (default 5)")
+    r.add_argument("--sample-every", type=int, default=0, help="print a sample every K steps (default 0: never)")
+    r.add_argument("--sample-tokens", type=positive("--sample-tokens"), default=64, help="tokens per sample")
+    r.add_argument("--shuffle", action="store_true", help="seeded shuffle of shards and batches")
+    r.add_argument("--out", type=Path, help="folder for checkpoints, the loss log and plot")
+    r.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every K steps (and at the end)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out bit for bit")
+    add_backend_args(p)
+
+
+def run(args) -> int:
+    from graphc.models.load import load_model
+    from graphc.runtime.optimizer import AdamWConfig
+    from graphc.runtime.trainer import TrainConfig, Trainer
+
+    params = load_model(args.model, args.seed)
+    config = TrainConfig(
+        B=args.B, T=args.T, steps=args.steps,
+        adamw=AdamWConfig(lr=args.lr, beta1=args.beta1, beta2=args.beta2, eps=args.eps,
+                          weight_decay=args.weight_decay, grad_clip=args.grad_clip),
+        schedule=args.schedule, warmup=args.warmup, lr_final_frac=args.lr_final_frac,
+        decay_matrices_only=args.decay_matrices_only, val_every=args.val_every, val_batches=args.val_batches,
+        sample_every=args.sample_every, sample_tokens=args.sample_tokens, seed=args.seed, shuffle=args.shuffle,
+        checkpoint_every=args.checkpoint_every, backend=args.backend, opt=not args.no_opt,
+    )
+    sampler = make_sampler(config) if args.sample_every > 0 else None
+    trainer = Trainer(params, args.train_data, args.val_data, config, out=args.out, sampler=sampler)
+    if args.resume:
+        trainer.resume()
+
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+
+    previous = signal.signal(signal.SIGINT, request_stop), signal.signal(signal.SIGTERM, request_stop)
+    try:
+        trainer.run()
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    if trainer.stop_requested and trainer.step < config.steps:
+        where = f"; resume with --resume --out {args.out}" if args.out else ""
+        print(f"stopped after step {trainer.step - 1}{where}", flush=True)
+        return 130
+    return 0
+
+
+def make_sampler(config):
+    """Samples from the current weights, seeded per step so a resumed run prints the same."""
+    from graphc.runtime.generate import sample_text
+
+    def sample(params, seed: int) -> str:
+        return sample_text(params, max_new_tokens=config.sample_tokens, seed=seed, backend=config.backend)
+
+    return sample

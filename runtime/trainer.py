@@ -1,0 +1,202 @@
+"""The compiled training runner: forward + backward as one graph, AdamW on flat buffers.
+
+One step is: next batch from the loader (llm.c's order), run the training graph (loss and
+every parameter gradient, written by the backend straight into one flat gradient buffer
+with llm.c's layout), optionally clip, AdamW in place on the flat parameter buffer that the
+backend reads its weights from. No parameter or gradient is copied per step.
+
+The printed lines are a contract other tools parse (see the README):
+
+* ``val loss X.XXXXXX`` before step s when s % val_every == 0, and once after the last step;
+* ``step S: train loss X.XXXXXX (took M.M ms)`` after each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphc.data.shards import TokenLoader
+from graphc.errors import GraphcError
+from graphc.models.params import Params
+from graphc.runtime import checkpoint
+from graphc.runtime.evaluate import mean_loss
+from graphc.runtime.optimizer import AdamW, AdamWConfig
+from graphc.runtime.programs import forward_graph, prepare, training_graph
+from graphc.runtime.schedule import SCHEDULES
+from graphc.runtime.trainlog import TrainLog
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    B: int = 4
+    T: int = 64
+    steps: int = 40
+    adamw: AdamWConfig = dataclasses.field(default_factory=AdamWConfig)
+    schedule: str = "cosine"
+    warmup: int = 0
+    lr_final_frac: float = 1.0
+    decay_matrices_only: bool = False
+    val_every: int = 10
+    val_batches: int = 5
+    sample_every: int = 0
+    sample_tokens: int = 64
+    seed: int = 0
+    shuffle: bool = False
+    checkpoint_every: int = 0
+    backend: str = "onnxruntime"
+    opt: bool = True
+
+    def resumable(self) -> dict:
+        """The settings a resumed run must share with the original for bit-for-bit results."""
+        keep = ("B", "T", "steps", "schedule", "warmup", "lr_final_frac", "decay_matrices_only", "shuffle", "seed")
+        return {k: getattr(self, k) for k in keep} | {"adamw": dataclasses.asdict(self.adamw)}
+
+
+class Trainer:
+    def __init__(self, params: Params, train_data: str, val_data: str | None, config: TrainConfig,
+                 out: Path | None = None, emit: Callable[[str], None] | None = None,
+                 sampler: Callable[[Params, int], str] | None = None):
+        self.params, self.config, self.out = params, config, out
+        self.emit = emit or (lambda line: print(line, flush=True))
+        self.sampler = sampler
+        cfg = params.cfg
+        if config.T > cfg.max_seq_len:
+            raise GraphcError("-t", f"sequence length {config.T} exceeds the model's maximum {cfg.max_seq_len}", "T")
+        self.train_loader = TokenLoader(train_data, config.B, config.T, shuffle=config.shuffle, seed=config.seed,
+                                        vocab_size=cfg.vocab_size)
+        self.val_loader = (TokenLoader(val_data, config.B, config.T, vocab_size=cfg.vocab_size)
+                           if val_data else None)
+        if self.val_loader is not None and config.val_batches > self.val_loader.batches_per_epoch():
+            raise GraphcError(val_data, f"--val-batches {config.val_batches} exceeds the "
+                              f"{self.val_loader.batches_per_epoch()} batches in the val data", "--val-batches")
+
+        self.grads = np.zeros_like(params.flat)
+        grad_params = params.like(self.grads)
+        from graphc.passes.autodiff import grad_name
+
+        self.grad_outputs = {grad_name(s.name): grad_params[s.name] for s in params.specs}
+        self.train_program = prepare(training_graph(cfg, opt=config.opt), params, config.backend)
+        self.eval_program = (prepare(forward_graph(cfg, loss=True, logits=False, opt=config.opt), params,
+                                     config.backend) if self.val_loader else None)
+        mask = None
+        if config.decay_matrices_only:
+            mask = np.zeros_like(params.flat)
+            for s in params.specs:
+                if s.is_matrix:
+                    mask[s.offset:s.offset + s.size] = 1.0
+        self.optimizer = AdamW(params.flat.size, config.adamw, mask)
+        self.schedule = SCHEDULES[config.schedule](config.adamw.lr, config.steps, config.warmup,
+                                                   config.lr_final_frac)
+        self.step = 0
+        self.log = TrainLog()
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        if self.out is None:
+            raise GraphcError("--resume", "needs --out DIR holding the run to continue")
+        params, m, v, state = checkpoint.load(self.out)
+        if params.cfg != self.params.cfg:
+            raise GraphcError(self.out, f"checkpoint model ({params.cfg.describe()}) differs from --model "
+                              f"({self.params.cfg.describe()})", "--resume")
+        saved = state.get("config", {})
+        now = self.config.resumable()
+        diffs = [k for k in now if k in saved and saved[k] != now[k]]
+        if diffs:
+            raise GraphcError(self.out, f"settings differ from the interrupted run: {', '.join(diffs)} "
+                              "(resume needs the same ones to continue bit for bit)", "--resume")
+        self.params.flat[...] = params.flat  # in place: the backend holds views of this buffer
+        self.optimizer.load_state({"m": m, "v": v})
+        self.train_loader.restore(state["loader"])
+        self.step = int(state["step"])
+        self.log = TrainLog(state.get("log", []))
+
+    def save(self) -> None:
+        if self.out is None:
+            return
+        state = {"loader": self.train_loader.state(), "config": self.config.resumable(), "log": self.log.rows}
+        checkpoint.save(self.out, self.step, self.params, self.optimizer.m, self.optimizer.v, state)
+        self.log.write(self.out)
+
+    # ------------------------------------------------------------------ steps
+    def validate(self, step: int) -> float | None:
+        if self.val_loader is None:
+            return None
+        loss = mean_loss(self.eval_program, self.val_loader, self.config.val_batches)
+        self.emit(f"val loss {loss:.6f}")
+        self.log.add("val", step, loss)
+        return loss
+
+    def sample(self, step: int) -> None:
+        if self.sampler is not None:
+            self.emit(f"generating:\n---\n{self.sampler(self.params, self.config.seed + step)}\n---")
+
+    def train_step(self) -> float:
+        c = self.config
+        t0 = time.perf_counter()
+        inputs, targets = self.train_loader.next_batch()
+        out = self.train_program.run({"tokens": inputs, "targets": targets}, outputs=self.grad_outputs)
+        loss = float(out["loss"])
+        lr = self.schedule(self.step)
+        self.optimizer.step(self.params.flat, self.grads, self.step + 1, lr)
+        ms = (time.perf_counter() - t0) * 1000
+        self.emit(f"step {self.step}: train loss {loss:.6f} (took {ms:.1f} ms)")
+        self.log.add("train", self.step, loss, lr, ms)
+        self.step += 1
+        return ms
+
+    def run(self, stop_after: int | None = None) -> TrainLog:
+        """Train until ``config.steps`` (or after step ``stop_after``, as if interrupted)."""
+        c = self.config
+        progress = Progress(c.steps, c.B * c.T, self.step)
+        while self.step < c.steps:
+            s = self.step
+            if c.val_every > 0 and s % c.val_every == 0:
+                self.validate(s)
+            if c.sample_every > 0 and s > 0 and s % c.sample_every == 0:
+                self.sample(s)
+            progress.update(self.step, self.train_step())
+            done = self.step == c.steps
+            if done or (c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0):
+                self.save()
+            if not done and (self.stop_requested or (stop_after is not None and s >= stop_after)):
+                self.save()
+                progress.close()
+                return self.log
+        progress.close()
+        self.validate(self.step)
+        if c.sample_every > 0:
+            self.sample(self.step)
+        if self.out is not None:
+            self.log.write(self.out)
+        return self.log
+
+
+class Progress:
+    """A one-line progress display on stderr (steps, tokens/s, ETA); silent when piped."""
+
+    def __init__(self, total: int, tokens_per_step: int, start: int):
+        self.total, self.tokens, self.start = total, tokens_per_step, start
+        self.enabled = sys.stderr.isatty()
+        self.ms: list[float] = []
+
+    def update(self, step: int, ms: float) -> None:
+        self.ms.append(ms)
+        if not self.enabled:
+            return
+        recent = self.ms[-20:]
+        per_step = sum(recent) / len(recent) / 1000
+        eta = int(per_step * (self.total - step))
+        sys.stderr.write(f"\r[{step}/{self.total}] {self.tokens / per_step:,.0f} tok/s, "
+                         f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.ms:
+            sys.stderr.write("\n")
