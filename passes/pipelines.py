@@ -1,0 +1,154 @@
+"""Named pipelines: which passes run, in which order, for each target.
+
+Two registries, no if-chains:
+
+* :data:`PASSES`: pass name -> factory ``(options) -> pass`` (a fresh pass per run, so
+  the stats of one run never leak into another);
+* :data:`PIPELINES`: pipeline name -> list of pass names. Keys are a mode (``infer``,
+  ``train``) or ``mode:backend`` for a backend-specific variant; :func:`pipeline_for`
+  falls back from ``mode:backend`` to ``mode``.
+
+``train`` starts from the *forward* graph with its loss and differentiates inside the
+pipeline, after the forward fusions: the VJP rules of the fused ops
+(``passes/autodiff/rules_fused.py``) then emit the fused backward ops directly, which is
+simpler and more robust than recognising the backward of every primitive afterwards.
+``train_graph`` is for a graph that is already differentiated (its outputs include
+``grad.*``): it runs the same fusions over forward and backward patterns alike.
+
+:func:`optimize` is the entry point the runner and ``graphc compile`` call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+from onnx import TensorProto
+
+from graphc.passes.constant_fold import ConstantFold
+from graphc.passes.cse import CommonSubexpressionElimination
+from graphc.passes.dce import DeadCodeElimination
+from graphc.passes.fold_transpose import FoldTranspose
+from graphc.passes.fusions.attention import fuse_attention
+from graphc.passes.fusions.cross_entropy import fuse_cross_entropy
+from graphc.passes.fusions.gelu import fuse_gelu
+from graphc.passes.fusions.layernorm import fuse_layernorm
+from graphc.passes.manager import Pass, PassManager, Report
+from graphc.passes.remove_identity import RemoveIdentity
+from graphc.passes.shape_inference import ShapeInference
+
+GRAD_PREFIX = "grad."
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+@dataclass
+class Options:
+    """What pass factories may need: the loss and the parameters to differentiate."""
+
+    loss: str = "loss"
+    wrt: list[str] | None = None      # None: every floating-point graph input
+    extra: dict = field(default_factory=dict)
+
+
+class Differentiate:
+    """The autodiff driver as a pass: forward graph with a loss -> training graph with
+    ``grad.<param>`` outputs (and the loss)."""
+
+    name = "autodiff"
+
+    def __init__(self, loss: str = "loss", wrt: list[str] | None = None):
+        self.loss, self.wrt = loss, wrt
+        self.stats: dict[str, int] = {}
+
+    def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+        from graphc.passes.autodiff import differentiate
+        from graphc.passes.fusions.ops import ensure_functions
+
+        if any(o.name.startswith(GRAD_PREFIX) for o in model.graph.output):
+            return model, False   # already a training graph
+        wrt = self.wrt if self.wrt is not None else float_inputs(model)
+        out = ensure_functions(differentiate(model, self.loss, wrt))
+        self.stats = {"wrt": len(wrt)}
+        return out, True
+
+
+def float_inputs(model: onnx.ModelProto) -> list[str]:
+    return [v.name for v in model.graph.input if v.type.tensor_type.elem_type in FLOAT_TYPES]
+
+
+def _backward_fusions() -> list[str]:
+    """Backward-pattern fusions (graphs differentiated before fusion), when available."""
+    try:
+        from graphc.passes.fusions import backward  # noqa: F401
+    except ImportError:
+        return []
+    return list(backward.PASS_NAMES)
+
+
+PASSES: dict[str, Callable[[Options], Pass]] = {
+    "shape_inference": lambda o: ShapeInference(),
+    "remove_identity": lambda o: RemoveIdentity(),
+    "constant_fold": lambda o: ConstantFold(),
+    "cse": lambda o: CommonSubexpressionElimination(),
+    "dce": lambda o: DeadCodeElimination(),
+    "fold_transpose": lambda o: FoldTranspose(),
+    "fuse_layernorm": lambda o: fuse_layernorm(),
+    "fuse_gelu": lambda o: fuse_gelu(),
+    "fuse_attention": lambda o: fuse_attention(),
+    "fuse_cross_entropy": lambda o: fuse_cross_entropy(),
+    "autodiff": lambda o: Differentiate(o.loss, o.wrt),
+}
+
+CLEANUP = ["remove_identity", "constant_fold", "cse", "dce"]
+FORWARD_FUSIONS = ["fuse_layernorm", "fuse_gelu", "fuse_attention", "fuse_cross_entropy"]
+
+PIPELINES: dict[str, list[str]] = {
+    # forward graphs (logits and/or loss): clean, fuse, clean again
+    "infer": ["shape_inference", *CLEANUP, *FORWARD_FUSIONS, "fold_transpose", "cse", "dce"],
+    # forward graph with a loss -> fuse -> differentiate (fused VJPs) -> clean the backward
+    "train": ["shape_inference", *CLEANUP, *FORWARD_FUSIONS, "dce", "autodiff",
+              "@backward", "fold_transpose", *CLEANUP],
+    # an already differentiated graph: fuse forward and backward patterns in place
+    "train_graph": ["shape_inference", *CLEANUP, "@backward", *FORWARD_FUSIONS, "fold_transpose", *CLEANUP],
+}
+# TensorRT wants exactly the standard ops the infer pipeline emits; the CUDA backend too.
+PIPELINES["infer:tensorrt"] = PIPELINES["infer"]
+
+
+def pipeline_for(mode: str, backend: str | None = None) -> tuple[str, list[str]]:
+    for key in ([f"{mode}:{backend}"] if backend else []) + [mode]:
+        if key in PIPELINES:
+            names = []
+            for n in PIPELINES[key]:
+                names += _backward_fusions() if n == "@backward" else [n]
+            return key, names
+    raise KeyError(f"no pipeline for mode {mode!r} (known: {', '.join(sorted(PIPELINES))})")
+
+
+def make_passes(names: list[str], options: Options | None = None) -> list[Pass]:
+    options = options or Options()
+    return [PASSES[n](options) for n in names]
+
+
+def is_training_graph(model: onnx.ModelProto) -> bool:
+    return any(o.name.startswith(GRAD_PREFIX) for o in model.graph.output)
+
+
+def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None = None,
+             loss: str = "loss", wrt: list[str] | None = None, dump_dir: str | os.PathLike | None = None,
+             verify: bool = True) -> tuple[onnx.ModelProto, Report]:
+    """Optimise a graph for ``mode`` (``infer`` or ``train``); returns (model, report).
+
+    ``train`` takes the forward graph with its ``loss`` output and returns the training
+    graph (``loss`` and ``grad.<p>`` for every ``p`` in ``wrt``, default every
+    floating-point graph input); given a graph that is already differentiated it runs
+    the ``train_graph`` pipeline instead. ``dump_dir`` (or ``$GRAPHC_DUMP_DIR``) dumps
+    the graph after every pass.
+    """
+    if mode == "train" and is_training_graph(model):
+        mode = "train_graph"
+    name, names = pipeline_for(mode, backend)
+    passes = make_passes(names, Options(loss=loss, wrt=wrt))
+    return PassManager(passes, name=name, verify=verify, dump_dir=dump_dir).run(model)
