@@ -1,0 +1,48 @@
+"""``graphc export``: a self-contained ONNX model, or the weights in Hugging Face layout.
+
+    graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N]
+    graphc export --model PATH|NAME --weights-only DIR
+
+See ``docs/export.md`` for the exported inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from graphc import OPSET
+from graphc.cli.common import add_model_args
+from graphc.errors import GraphcError
+
+HELP = "export a GPT-2 as ONNX (plain or decoder-with-past KV cache), or its weights as HF safetensors"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", metavar="FILE.onnx", help="write an ONNX model with the weights as initializers "
+                      "(beside it FILE.onnx.data when the weights pass 2 GB)")
+    dest.add_argument("--weights-only", metavar="DIR",
+                      help="write model.safetensors + config.json (Hugging Face GPT2LMHeadModel layout) into DIR")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="export the decoder with past (input_ids, attention_mask, position_ids, "
+                        "past_key_values.{i}.key/value -> logits, present.{i}.key/value)")
+    p.add_argument("--opset", type=int, default=OPSET, metavar="N",
+                   help=f"ONNX opset of the exported model, 18..{OPSET} (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from graphc.models.export import export_onnx, export_weights
+    from graphc.models.load import load_model
+
+    if args.weights_only is not None and (args.kv_cache or args.opset != OPSET):
+        raise GraphcError(None, "--kv-cache and --opset apply to --out (an ONNX model), not to --weights-only",
+                          "--weights-only")
+    params = load_model(args.model, args.seed)
+    if args.weights_only is not None:
+        written = export_weights(params, args.weights_only)
+    else:
+        written = export_onnx(params, args.out, kv_cache=args.kv_cache, opset=args.opset)
+    for path in written:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,191 @@
+"""Export GPT-2 for deployment: self-contained ONNX models and Hugging Face weights.
+
+graphc's own graphs keep parameters as graph *inputs* (the runtime owns the buffers);
+an exported model instead carries them as initializers (:func:`bind`), so it runs
+anywhere with nothing but the ``.onnx`` file:
+
+* :func:`plain_model`: ``input_ids`` int64 [batch, seq] -> ``logits`` float32 [batch, seq, V];
+* :func:`kv_cache_model`: the concat-style decoder-with-past of Hugging Face / Optimum
+  exports (:func:`graphc.models.kv_cache.build_decoder_with_past`), inputs ``input_ids``,
+  ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value``; outputs ``logits``
+  and ``present.{i}.key|value``.
+
+:func:`save_onnx` writes atomically, moving the weights to ``FILE.onnx.data`` beside the
+model when they would pass protobuf's 2 GB limit, and checks the written file with
+``onnx.checker.check_model(full_check=True)`` before it replaces anything. ``docs/export.md``
+documents the IO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graphc import OPSET
+from graphc.errors import GraphcError
+from graphc.models.gpt2 import build_forward
+from graphc.models.hf import save_hf
+from graphc.models.kv_cache import build_decoder_with_past
+from graphc.models.params import Params
+
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+"""Initializer bytes above which weights go to ``FILE.onnx.data`` (protobuf's 2 GB limit,
+less room for the graph itself)."""
+
+MIN_OPSET, MAX_OPSET = 17, OPSET
+
+
+# ----------------------------------------------------------------------------- graph edits
+def bind(model: onnx.ModelProto, params: Params) -> onnx.ModelProto:
+    """Turn every parameter graph input into an initializer holding its value (in place)."""
+    feeds = params.feeds()
+    g = model.graph
+    keep = [i for i in g.input if i.name not in feeds]
+    bound = [i.name for i in g.input if i.name in feeds]
+    del g.input[:]
+    g.input.extend(keep)
+    for name in bound:
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(feeds[name], dtype=np.float32), name))
+    # value_info for the former inputs is redundant now; initializers carry their shapes
+    return model
+
+
+def _rename_value(g: onnx.GraphProto, old: str, new: str) -> None:
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name == old:
+                n.input[i] = new
+        for i, name in enumerate(n.output):
+            if name == old:
+                n.output[i] = new
+    for v in [*g.input, *g.output, *g.value_info]:
+        if v.name == old:
+            v.name = new
+
+
+def _rename_dims(values, mapping: dict[str, str]) -> None:
+    for v in values:
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in mapping:
+                d.dim_param = mapping[d.dim_param]
+
+
+def plain_model(params: Params) -> onnx.ModelProto:
+    """``input_ids`` int64 [batch, seq] -> ``logits`` float32 [batch, seq, V], weights unbound."""
+    model = build_forward(params.cfg, loss=False, logits=True, name="gpt2")
+    g = model.graph
+    _rename_value(g, "tokens", "input_ids")
+    _rename_dims([*g.input, *g.output], {"B": "batch", "T": "seq"})
+    del g.value_info[:]
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+
+
+def kv_cache_model(params: Params) -> onnx.ModelProto:
+    """The decoder-with-past (see :func:`graphc.models.kv_cache.build_decoder_with_past`), weights unbound."""
+    return build_decoder_with_past(params.cfg, name="gpt2_with_past")
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``model`` at ``opset`` (graphc builds at :data:`graphc.OPSET`), or a one-line error."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise GraphcError(str(opset), f"opset must be between {MIN_OPSET} and {MAX_OPSET}", "--opset")
+    if opset == OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = reason.split("Assertion `false` failed: ")[-1].replace("$", "")
+        raise GraphcError(str(opset), f"cannot express graphc's opset-{OPSET} graph at opset {opset} ({reason}); "
+                          f"graphc's ops need opset 18 or newer", "--opset") from None
+    return converted
+
+
+# ----------------------------------------------------------------------------- files
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        total += len(t.raw_data) if t.raw_data else int(np.prod(t.dims)) * np.dtype(
+            onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *,
+              external_threshold: int = EXTERNAL_DATA_THRESHOLD, check: bool = True) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; returns the files written.
+
+    When its initializers exceed ``external_threshold`` bytes they go to ``<name>.data``
+    beside the model (``onnx.save_model(save_as_external_data=True)``; this moves the
+    tensors out of ``model``). With ``check`` the written file must pass
+    ``onnx.checker.check_model(full_check=True)`` before it replaces an existing one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = initializer_bytes(model) > external_threshold
+    data_name = path.name + ".data"
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp_model = tmpdir / path.name
+        if external:
+            onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024, convert_attribute=False)
+        else:
+            onnx.save_model(model, tmp_model)
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp_model), full_check=True)
+            except Exception as e:  # noqa: BLE001 - surfaces as a bug report, not a user error
+                raise RuntimeError(f"exported model fails onnx.checker: {e}") from e
+        written = []
+        if external:
+            _fsync(tmpdir / data_name)
+            os.replace(tmpdir / data_name, path.parent / data_name)
+            written.append(path.parent / data_name)
+        _fsync(tmp_model)
+        os.replace(tmp_model, path)
+        written.insert(0, path)
+        return written
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmpdir)
+
+
+def export_onnx(params: Params, out: str | os.PathLike, *, kv_cache: bool = False, opset: int = OPSET,
+                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """Build, convert to ``opset``, bind the weights and save: the whole ``graphc export``."""
+    out = Path(out)
+    if out.is_dir():
+        raise GraphcError(out, "is a directory; --out needs a file name such as model.onnx", "--out")
+    model = kv_cache_model(params) if kv_cache else plain_model(params)
+    model = convert_opset(model, opset)  # before binding: the converter serialises the whole model
+    model = bind(model, params)
+    model.producer_name = "graphc"
+    model.doc_string = (f"GPT-2 ({params.cfg.describe()}) exported by graphc"
+                        + (", decoder with past (KV cache)" if kv_cache else ""))
+    return save_onnx(model, out, external_threshold=external_threshold)
+
+
+def export_weights(params: Params, folder: str | os.PathLike) -> list[Path]:
+    """Hugging Face layout: ``model.safetensors`` + ``config.json`` in ``folder``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise GraphcError(folder, "exists and is not a directory", "--weights-only")
+    save_hf(params, folder)
+    return [folder / "model.safetensors", folder / "config.json"]
