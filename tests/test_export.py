@@ -2,7 +2,6 @@
 the independent PyTorch GPT-2; external data, opsets, HF weights, atomic writes, errors."""
 
 import json
-import os
 
 import numpy as np
 import onnx

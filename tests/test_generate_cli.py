@@ -1,8 +1,6 @@
 """``graphc generate``: output contract, cache vs --no-kv-cache, seeds, several prompts, errors."""
 
-import os
 
-import numpy as np
 import pytest
 
 from graphc.cli.main import main
