@@ -129,3 +129,56 @@ def verify(model: onnx.ModelProto, pass_name: str | None = None, *, full_check: 
         except Exception as e:
             raise VerificationError(pass_name, [f"onnx.checker: {e}"]) from e
     return inferred
+
+
+# ----------------------------------------------------------------------------- numerics
+def random_feeds(model: onnx.ModelProto, dims: dict[str, int], *, int_high: int | dict[str, int] = 2,
+                 scale: float = 0.2, seed: int = 0) -> dict:
+    """Random values for every graph input (symbolic dims from ``dims``): floats ~ N(0,
+    scale^2), integers uniform in [0, int_high) (a dict gives per-input bounds)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for v in model.graph.input:
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else dims[d.dim_param] for d in t.shape.dim]
+        dt = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if dt.kind == "f":
+            feeds[v.name] = (rng.standard_normal(shape) * scale).astype(dt)
+        elif dt.kind in "iu":
+            high = int_high.get(v.name, 2) if isinstance(int_high, dict) else int_high
+            feeds[v.name] = rng.integers(0, high, size=shape).astype(dt)
+        elif dt == np.bool_:
+            feeds[v.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise TypeError(f"no random feed for {v.name} of type {dt}")
+    return feeds
+
+
+def run_onnxruntime(model: onnx.ModelProto, feeds: dict) -> dict:
+    """Run ``model`` on onnxruntime's CPU provider; outputs by name."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    outs = sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    return {o.name: r for o, r in zip(sess.get_outputs(), outs)}
+
+
+def relative_errors(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict) -> dict[str, float]:
+    """||out_b - out_a|| / ||out_a|| (float64) for every output the two models share."""
+    import numpy as np
+
+    ra, rb = run_onnxruntime(a, feeds), run_onnxruntime(b, feeds)
+    errs = {}
+    for k in ra.keys() & rb.keys():
+        x, y = np.asarray(ra[k], np.float64), np.asarray(rb[k], np.float64)
+        if x.shape != y.shape or not np.all(np.isfinite(y)):
+            errs[k] = float("inf")
+            continue
+        denom = np.linalg.norm(x)
+        errs[k] = float(np.linalg.norm(y - x) / (denom if denom > 0 else 1.0))
+    return errs

@@ -1,0 +1,88 @@
+"""``graphc compile``: run the optimisation pipeline on GPT-2 and report every pass.
+
+    graphc compile --model PATH|NAME --mode train|infer [-b B -t T] [--dump DIR] [--json]
+
+Builds the forward graph for the model's config (``infer``: logits only; ``train``:
+forward with the loss, differentiated w.r.t. every parameter inside the pipeline), runs
+the pipeline (:func:`graphc.passes.pipelines.optimize`) and plans memory for batch B and
+sequence length T. Only the config matters: a named size (``d12``) needs no weights, a
+checkpoint is read for its header/config. Prints one line per pass (nodes before/after,
+what it fused and how many times, time) and the memory plan (peak vs naive bytes); with
+``--json`` one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from graphc.cli.common import check_seq_len, positive
+
+HELP = "optimise the GPT-2 training or inference graph and report every pass and the memory plan"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="llm.c .bin, HF model.safetensors (file or folder), or a size name (d12, L4H4C128)")
+    p.add_argument("--mode", required=True, choices=["train", "infer"],
+                   help="train: forward + loss + backward for every parameter; infer: forward logits only")
+    p.add_argument("-b", dest="B", type=positive("-b"), default=4, help="batch size for the memory plan (default 4)")
+    p.add_argument("-t", dest="T", type=positive("-t"), default=64,
+                   help="sequence length for the memory plan (default 64)")
+    p.add_argument("--dump", metavar="DIR", type=Path,
+                   help="write the graph after every pass as DIR/NN_pass.onnx + .txt (also $GRAPHC_DUMP_DIR)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+
+
+def model_config(spec: str):
+    """The GPT-2 config of ``--model``: a named size needs no weights at all."""
+    from graphc.models.config import is_named_config, named_config
+
+    if not Path(spec).exists() and is_named_config(spec):
+        return named_config(spec)
+    from graphc.models.load import load_model
+
+    return load_model(spec).cfg
+
+
+def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None) -> dict:
+    """Build, optimise and plan; return the report as a dict (the ``--json`` object)."""
+    from graphc.models.gpt2 import build_forward
+    from graphc.passes.memory_plan import plan_model
+    from graphc.passes.pipelines import optimize
+
+    forward = build_forward(cfg, loss=(mode == "train"), logits=(mode == "infer"))
+    model, report = optimize(forward, mode, dump_dir=dump_dir)
+    mem = plan_model(model, {"B": B, "T": T})
+    return {
+        "mode": mode, "config": cfg.describe(), "B": B, "T": T,
+        "pipeline": report.pipeline,
+        "nodes_before": report.nodes_before, "nodes_after": report.nodes_after,
+        "fused": report.fused,
+        "peak_bytes": mem.peak_bytes, "naive_bytes": mem.naive_bytes,
+        "memory": mem.summary(),
+        "seconds": round(report.seconds, 4),
+        "passes": [{"index": p.index, "name": p.name, "nodes_before": p.nodes_before, "nodes_after": p.nodes_after,
+                    "changed": p.changed, "fused": p.fused, "stats": p.stats, "seconds": round(p.seconds, 6)}
+                   for p in report.passes],
+        "op_counts": report.op_counts,
+        "_report": report, "_plan": mem,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = model_config(args.model)
+    check_seq_len(cfg, args.T)
+    result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump)
+    report, mem = result.pop("_report"), result.pop("_plan")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"graphc compile: {args.model} ({cfg.describe()}), mode {args.mode}, B={args.B} T={args.T}")
+    print(report.format())
+    print(mem.format())
+    print(f"peak_bytes {mem.peak_bytes}  naive_bytes {mem.naive_bytes}")
+    if args.dump:
+        print(f"dumped every stage to {args.dump}")
+    return 0

@@ -1,0 +1,131 @@
+"""VJP rules of the fused forward ops: they emit the fused backward ops directly.
+
+The training pipeline fuses the forward graph first and differentiates the fused graph,
+so each fused op's gradient is one fused node (a ``graphc`` local function whose body is
+the reference math, see ``passes/fusions/ops.py``) instead of a dozen primitives that a
+later pass would have to recognise again:
+
+=========================================  ==============================================
+forward                                    backward
+=========================================  ==============================================
+``Attention(Q, K, V)`` (4-D, no mask/past)  ``graphc.AttentionGrad(dY, Q, K, V, Y)`` -> dQ, dK, dV
+``LayerNormalization(X, W[, B])``          ``graphc.LayerNormGrad(dY, X, W)`` -> dX, dW, dB
+``Gelu(X, approximate="tanh")``            ``graphc.GeluGrad(dY, X)`` -> dX
+``Gelu(X)`` (erf)                          primitives: dY * (Phi(x) + x phi(x))
+``graphc.CrossEntropy(Z, T)``              ``graphc.CrossEntropyGrad(dloss, Z, T)`` -> dZ
+=========================================  ==============================================
+
+Forms the fused backward ops do not cover (an attention mask or past inputs, 3-D
+attention, a layer norm over several axes, gradients flowing into LayerNormalization's
+Mean/InvStdDev outputs) raise ``NotImplementedError`` naming the node, as the registry
+does for a missing rule: never a silent wrong gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+from onnx import helper
+
+from graphc.ir.builder import GRAPHC_DOMAIN
+from graphc.passes.autodiff.registry import vjp
+from graphc.passes.fusions.ops import function
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _unsupported(node: onnx.NodeProto, why: str) -> NotImplementedError:
+    return NotImplementedError(f"no gradient for {node.op_type} node {node.name!r} ({why})")
+
+
+def _fused(ctx, op_type: str, inputs: list[str], outputs: int, **attrs):
+    ctx.b.add_function(function(op_type))
+    return ctx.b.op(op_type, *inputs, domain=GRAPHC_DOMAIN, outputs=outputs, name=op_type, **attrs)
+
+
+def _static_last_dim(ctx, value: str):
+    shape_of = getattr(ctx, "shape", None)
+    if shape_of is None:
+        return None
+    try:
+        shp = shape_of(value)
+    except Exception:
+        return None
+    return shp[-1] if shp and isinstance(shp[-1], int) else None
+
+
+@vjp("Attention")
+def attention_vjp(ctx, node, grads):
+    dy = grads[0]
+    extra = [i for i in node.input[3:] if i]
+    if extra:
+        raise _unsupported(node, "attention mask / past key-value inputs")
+    if any(g is not None for g in grads[1:]):
+        raise _unsupported(node, "gradient into present_key/present_value/qk_matmul_output")
+    if _attr(node, "q_num_heads") or _attr(node, "kv_num_heads"):
+        raise _unsupported(node, "3-D attention (q_num_heads); graphc fuses the 4-D form")
+    if _attr(node, "softcap", 0.0):
+        raise _unsupported(node, "softcap")
+    if dy is None:
+        return [None, None, None]
+    q, k, v = node.input[:3]
+    scale = _attr(node, "scale")
+    if scale is None:
+        d = _static_last_dim(ctx, q)
+        if d is None:
+            raise _unsupported(node, "no scale attribute and the head size is not static")
+        scale = 1.0 / math.sqrt(d)
+    dq, dk, dv = _fused(ctx, "AttentionGrad", [dy, q, k, v, node.output[0]], 3,
+                        scale=float(scale), is_causal=int(_attr(node, "is_causal", 0)))
+    return [dq, dk, dv]
+
+
+@vjp("LayerNormalization")
+def layernorm_vjp(ctx, node, grads):
+    if any(g is not None for g in grads[1:]):
+        raise _unsupported(node, "gradient into the Mean/InvStdDev outputs")
+    axis = _attr(node, "axis", -1)
+    if axis != -1:
+        shape_of = getattr(ctx, "shape", None)
+        rank = len(shape_of(node.input[0])) if shape_of is not None else None
+        if rank is None or axis != rank - 1:
+            raise _unsupported(node, f"normalisation over axis {axis}, graphc fuses the last axis only")
+    dy = grads[0]
+    if dy is None:
+        return [None] * len(node.input)
+    x, w = node.input[:2]
+    dx, dw, db = _fused(ctx, "LayerNormGrad", [dy, x, w], 3, epsilon=float(_attr(node, "epsilon", 1e-5)))
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    return [dx, dw, db] if has_bias else [dx, dw] + [None] * (len(node.input) - 2)
+
+
+@vjp("Gelu")
+def gelu_vjp(ctx, node, grads):
+    dy = grads[0]
+    if dy is None:
+        return [None]
+    x = node.input[0]
+    approx = _attr(node, "approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else approx
+    if approx == "tanh":
+        return [_fused(ctx, "GeluGrad", [dy, x], 1)]
+    # exact GELU: d/dx [x Phi(x)] = Phi(x) + x phi(x)
+    b = ctx.b
+    cdf = b.Mul(b.Add(b.Erf(b.Mul(x, b.scalar(1 / math.sqrt(2.0)))), b.scalar(1.0)), b.scalar(0.5))
+    pdf = b.Mul(b.Exp(b.Mul(b.Mul(x, x), b.scalar(-0.5))), b.scalar(1 / math.sqrt(2 * math.pi)))
+    return [b.Mul(dy, b.Add(cdf, b.Mul(x, pdf)))]
+
+
+@vjp("CrossEntropy", domain=GRAPHC_DOMAIN)
+def cross_entropy_vjp(ctx, node, grads):
+    dloss = grads[0]
+    if dloss is None:
+        return [None, None]
+    z, t = node.input
+    return [_fused(ctx, "CrossEntropyGrad", [dloss, z, t], 1), None]

@@ -1,0 +1,296 @@
+"""Static memory planning: liveness, buffer reuse in one arena, in-place updates.
+
+:func:`plan` is a pure function of ``(graph, order, sizes)``:
+
+* **liveness**: in the execution ``order`` (node indices, default the graph's order) a
+  value is live from the step of its producer to the step of its last reader;
+* **in-place / aliasing**: an output may take over an input's buffer
+
+  - *in place*, for an elementwise op (``INPLACE_OPS``: Add, Mul, Gelu, ...) whose input
+    has the output's size and dies at that node (its last reader), e.g. a residual Add
+    whose incoming stream is not needed later, or an optimizer update
+    ``p' = p - lr * m`` of a parameter (graph input -> graph output, both outside the
+    arena: reported as an external in-place pair);
+  - as a *view*, for a reshaping op (``VIEW_OPS``: Reshape, Squeeze, ...), which never
+    writes, so the input need not die; the buffer lives as long as either does;
+
+  aliased values form one buffer whose interval is the union of theirs;
+* **assignment**: buffers are placed in one arena by *greedy best-fit by size*
+  (largest first; each goes into the smallest gap between the buffers already placed
+  whose lifetimes overlap its own, else on top), offsets aligned to ``alignment``;
+* **report**: ``peak_bytes`` (the arena size), ``naive_bytes`` (every intermediate in
+  its own allocation: the sum of their sizes), and graph inputs / initializers / graph
+  outputs, which live outside the arena (the runtime owns parameters, tokens and the
+  buffers it binds outputs into), separately.
+
+:func:`value_sizes` resolves the symbolic dims (``B``, ``T``) to the caller's ints and
+returns bytes per value; :func:`plan_model` does both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+from onnx import helper
+
+INPLACE_OPS = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Relu", "Tanh", "Sigmoid", "Exp", "Log", "Sqrt", "Reciprocal",
+    "Erf", "Pow", "Gelu", "Clip", "Where", "Max", "Min", "LeakyRelu", "Softmax", "LogSoftmax", "Identity",
+}
+VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
+def _leading_slice(graph: onnx.GraphProto, n: onnx.NodeProto, consts: dict) -> bool:
+    """A Slice of a contiguous block of rows (axis 0, step 1): a view of its input."""
+    if n.op_type != "Slice" or n.domain:
+        return False
+    axes = consts.get(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+    steps = consts.get(n.input[4]) if len(n.input) > 4 and n.input[4] else None
+    starts = consts.get(n.input[1])
+    return (axes is not None and list(axes.reshape(-1)) == [0] and starts is not None and starts.size == 1
+            and (steps is None or list(steps.reshape(-1)) == [1]))
+
+
+@dataclass
+class MemoryPlan:
+    order: list[int]
+    sizes: dict[str, int]                           # bytes of every arena value
+    intervals: dict[str, tuple[int, int]]           # value -> (first step, last step)
+    buffer_of: dict[str, str]                       # value -> the value owning its buffer
+    offsets: dict[str, int]                         # buffer owner -> arena offset
+    buffer_sizes: dict[str, int]                    # buffer owner -> bytes
+    buffer_intervals: dict[str, tuple[int, int]]
+    inplace: list[tuple[int, str, str, str]] = field(default_factory=list)   # (node, op, output, input)
+    views: list[tuple[int, str, str, str]] = field(default_factory=list)
+    external_inplace: list[tuple[int, str, str, str]] = field(default_factory=list)
+    peak_bytes: int = 0
+    naive_bytes: int = 0
+    input_bytes: int = 0
+    initializer_bytes: int = 0
+    output_bytes: int = 0
+    alignment: int = 1
+
+    @property
+    def num_buffers(self) -> int:
+        return len(self.offsets)
+
+    def offset(self, value: str) -> int:
+        return self.offsets[self.buffer_of[value]]
+
+    def live_bytes_at(self, step: int) -> int:
+        return sum(self.buffer_sizes[b] for b, (s, e) in self.buffer_intervals.items() if s <= step <= e)
+
+    def summary(self) -> dict:
+        return {
+            "peak_bytes": self.peak_bytes, "naive_bytes": self.naive_bytes,
+            "values": len(self.sizes), "buffers": self.num_buffers,
+            "inplace": len(self.inplace), "views": len(self.views), "external_inplace": len(self.external_inplace),
+            "input_bytes": self.input_bytes, "initializer_bytes": self.initializer_bytes,
+            "output_bytes": self.output_bytes,
+        }
+
+    def format(self) -> str:
+        s = self.summary()
+        return (f"memory plan: peak {mib(s['peak_bytes'])} in one arena vs naive {mib(s['naive_bytes'])} "
+                f"({s['naive_bytes'] / max(s['peak_bytes'], 1):.1f}x); {s['values']} intermediates in "
+                f"{s['buffers']} buffers, {s['inplace']} in-place, {s['views']} views; outside the arena: "
+                f"inputs {mib(s['input_bytes'])}, initializers {mib(s['initializer_bytes'])}, "
+                f"outputs {mib(s['output_bytes'])}")
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str, int], *,
+         inplace: bool = True, alignment: int = 1) -> MemoryPlan:
+    """Plan the arena for ``graph`` executed in ``order`` with ``sizes`` (bytes per value)."""
+    nodes = list(graph.node)
+    order = list(range(len(nodes))) if order is None else list(order)
+    if sorted(order) != list(range(len(nodes))):
+        raise ValueError("order must be a permutation of the node indices")
+    graph_inputs = {v.name for v in graph.input}
+    inits = {t.name for t in graph.initializer}
+    outputs = {v.name for v in graph.output}
+    external = graph_inputs | inits | outputs
+
+    step_of = {i: s for s, i in enumerate(order)}
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for s, i in enumerate(order):
+        n = nodes[i]
+        for v in n.input:
+            if v:
+                if v not in first and v not in external:
+                    raise ValueError(f"order is not topological: step {s} reads {v!r} before it is written")
+                last[v] = s
+        for o in n.output:
+            if o:
+                first[o] = s
+                last.setdefault(o, s)
+    # a row-block Slice of an input (the tied LM head's wte[:V]) is a view of memory the
+    # runtime owns: outside the arena
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name not in graph_inputs}
+    external_views = []
+    for s, i in enumerate(order):
+        n = nodes[i]
+        if inplace and n.input and n.input[0] in external and n.output[0] not in external \
+                and _leading_slice(graph, n, consts):
+            external_views.append((i, n.op_type, n.output[0], n.input[0]))
+            external = external | {n.output[0]}
+    # a value read only by a view that is a graph output is written straight into the
+    # output's buffer (the LM head's logits before their final Reshape)
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for v in n.input:
+            if v:
+                readers[v] = readers.get(v, 0) + 1
+    for s in range(len(order) - 1, -1, -1):
+        n = nodes[order[s]]
+        if (inplace and n.op_type in VIEW_OPS and not n.domain and n.output[0] in external and n.input
+                and n.input[0] in first and n.input[0] not in external and readers.get(n.input[0]) == 1
+                and sizes.get(n.input[0]) == sizes.get(n.output[0])):
+            external_views.append((order[s], n.op_type, n.output[0], n.input[0]))
+            external = external | {n.input[0]}
+    arena = [v for v in first if v not in external]
+    missing = [v for v in arena if v not in sizes]
+    if missing:
+        raise ValueError(f"no size for {len(missing)} value(s): {missing[:5]}")
+    vsize = {v: int(sizes[v]) for v in arena}
+    intervals = {v: (first[v], last[v]) for v in arena}
+
+    # -- aliasing: values sharing one buffer (owner -> members; the buffer dies with its
+    #    last member)
+    owner = {v: v for v in arena}
+    members = {v: [v] for v in arena}
+    group_last = {v: last[v] for v in arena}
+
+    def join(o: str, x: str) -> None:
+        r, ro = owner[x], owner[o]
+        for v in members.pop(ro):
+            owner[v] = r
+            members[r].append(v)
+        group_last[r] = max(group_last[r], group_last.pop(ro))
+
+    inplace_pairs, view_pairs, ext_pairs = [], list(external_views), []
+    for s, i in enumerate(order):
+        n = nodes[i]
+        if not inplace or n.domain or not n.output or not n.output[0]:
+            continue
+        o = n.output[0]
+        size = sizes.get(o)
+        for x in n.input:
+            if not x or size is None or sizes.get(x) != size:
+                continue
+            if n.op_type in VIEW_OPS and x == n.input[0] and x in owner and o in owner:
+                view_pairs.append((i, n.op_type, o, x))       # no write: x need not die
+                join(o, x)
+                break
+            if n.op_type not in INPLACE_OPS or last.get(x) != s:
+                continue
+            if x in owner and o in owner:
+                if group_last[owner[x]] > s:                   # a view of x lives on
+                    continue
+                inplace_pairs.append((i, n.op_type, o, x))
+                join(o, x)
+                break
+            if x in graph_inputs and o in outputs:            # e.g. p' = p - lr * update
+                ext_pairs.append((i, n.op_type, o, x))
+                break
+
+    def root(v: str) -> str:
+        return owner[v]
+
+    groups: dict[str, list[str]] = {}
+    for v in arena:
+        groups.setdefault(root(v), []).append(v)
+    buf_size = {r: _align(max(vsize[v] for v in vs), alignment) for r, vs in groups.items()}
+    buf_iv = {r: (min(intervals[v][0] for v in vs), max(intervals[v][1] for v in vs)) for r, vs in groups.items()}
+
+    # -- greedy best-fit by size
+    placed: list[tuple[int, int, int, int]] = []       # (offset, size, start, end)
+    offsets: dict[str, int] = {}
+    for r in sorted(groups, key=lambda r: (-buf_size[r], buf_iv[r][0], r)):
+        size, (s0, s1) = buf_size[r], buf_iv[r]
+        if size == 0:
+            offsets[r] = 0
+            continue
+        busy = sorted((o, o + sz) for o, sz, a, b in placed if a <= s1 and s0 <= b)
+        best, best_gap, cursor = None, None, 0
+        for lo, hi in busy:
+            gap = lo - cursor
+            if gap >= size and (best_gap is None or gap < best_gap):
+                best, best_gap = cursor, gap
+            cursor = max(cursor, hi)
+        offset = best if best is not None else cursor
+        offsets[r] = offset
+        placed.append((offset, size, s0, s1))
+    peak = max((o + s for o, s, _, _ in placed), default=0)
+
+    def nbytes(names) -> int:
+        return int(sum(sizes.get(v, 0) for v in names))
+
+    return MemoryPlan(
+        order=order, sizes=vsize, intervals=intervals, buffer_of={v: root(v) for v in arena},
+        offsets=offsets, buffer_sizes=buf_size, buffer_intervals=buf_iv,
+        inplace=inplace_pairs, views=view_pairs, external_inplace=ext_pairs,
+        peak_bytes=peak, naive_bytes=sum(vsize.values()),
+        input_bytes=nbytes(graph_inputs - inits), initializer_bytes=nbytes(inits),
+        output_bytes=nbytes(outputs - graph_inputs), alignment=alignment)
+
+
+# ----------------------------------------------------------------------------- sizes
+def concrete_model(model: onnx.ModelProto, dims: Mapping[str, int]) -> onnx.ModelProto:
+    """A copy with the symbolic input/output dims replaced by ``dims`` and every value's
+    shape inferred (shape-computing subgraphs constant-folded so Range/Slice resolve)."""
+    from graphc.passes.constant_fold import ConstantFold
+    from graphc.passes.verify import infer_shapes, strip_value_info
+
+    m = strip_value_info(model)
+    for v in [*m.graph.input, *m.graph.output]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in dims:
+                d.dim_value = int(dims[d.dim_param])
+    m = infer_shapes(m)
+    folder = ConstantFold(max_elements=1 << 16)
+    for _ in range(4):
+        m, changed = folder(m)
+        m = infer_shapes(m)
+        if not changed:
+            break
+    return m
+
+
+def value_sizes(model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, int]:
+    """Bytes of every value (graph inputs, initializers, node outputs) for concrete dims."""
+    m = concrete_model(model, dims)
+    sizes: dict[str, int] = {}
+    unknown = []
+    for t in m.graph.initializer:
+        sizes[t.name] = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    for v in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
+        t = v.type.tensor_type
+        if not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim) or not t.elem_type:
+            unknown.append(v.name)
+            continue
+        n = int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64))
+        sizes[v.name] = n * np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+    needed = {o for n in model.graph.node for o in n.output if o}
+    still = sorted(v for v in needed if v not in sizes)
+    if still:
+        raise ValueError(f"cannot resolve the size of {len(still)} value(s) with dims {dict(dims)}: {still[:5]}")
+    return sizes
+
+
+def plan_model(model: onnx.ModelProto, dims: Mapping[str, int], order: Sequence[int] | None = None,
+               **kw) -> MemoryPlan:
+    """Plan ``model`` for concrete symbolic dims, e.g. ``{"B": 4, "T": 64}``."""
+    return plan(model.graph, order, value_sizes(model, dims), **kw)
