@@ -1,0 +1,1198 @@
+"""Reverse-mode automatic differentiation of an ONNX graph.
+
+:func:`differentiate` turns a forward model with a scalar loss into a *training* model
+that computes the loss and the gradient of the loss with respect to chosen inputs or
+initializers. It is a graph-to-graph pass: the backward nodes are ordinary ONNX ops
+appended to the forward graph, so any backend that runs the forward graph runs the
+training graph too.
+
+How it works
+------------
+1. **Shapes.** ONNX shape inference loses track of dimensions after ``Reshape(x, [-1, C])``
+   and after broadcasting two symbolic dims, which would force every broadcast gradient
+   into a runtime reduction. :class:`Shapes` runs a small symbolic shape propagation
+   (dims are ints or monomials such as ``B*T``, and small integer tensors such as
+   ``Shape(tokens)`` are tracked by value) over the forward graph and over every backward
+   node as it is emitted; it falls back to ONNX's inferred types for ops it does not know.
+2. **Activity.** A value is *active* when it is floating point and depends on a ``wrt``
+   through differentiable ops; it is *needed* when it is active and the loss depends on
+   it. Only nodes with a needed output and an active input get a backward rule: unrelated
+   branches, integer/boolean subgraphs (``Shape``, ``Range``, comparisons, masks) and
+   ``Constant`` nodes are never differentiated.
+3. **Reverse walk.** Nodes are visited in reverse topological order. Each needed value
+   collects gradient contributions from its consumers; they are summed with a single
+   ``Sum`` node (fan-in) just before its producer's rule runs. A rule
+   (:mod:`~graphc.passes.autodiff.registry`) maps output gradients to input gradients.
+4. **Output.** One output ``grad.<name>`` per ``wrt`` with exactly the primal's dtype and
+   declared shape (zeros, with a warning, when the loss does not depend on it).
+   Dead nodes are removed, constants added by the pass become ``Constant`` nodes (the
+   model keeps its inputs and initializers unchanged), and ONNX shape inference and the
+   full checker run on the result.
+
+Two cheap rewrites happen while summing fan-in: a contribution that is a broadcast
+(``Expand`` from a reduction's gradient) is summed unexpanded when another contribution
+already has the full shape (``Sum`` broadcasts), and a scatter-add into zeros (the
+gradient of ``Gather``) is re-pointed to scatter into the sum of the other contributions
+instead (so GPT-2's tied ``wte`` gradient is one ``ScatterND`` into the LM-head gradient).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphc import OPSET
+from graphc.errors import GraphcError
+from graphc.ir.builder import GraphBuilder, infer, np_dtype
+from graphc.passes.autodiff.registry import VJP, lookup
+
+GRAD_PREFIX = "grad."
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+INT_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
+             TensorProto.UINT64, TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8}
+
+
+def grad_name(name: str) -> str:
+    """Name of the gradient output for parameter ``name``: ``grad.<name>``."""
+    return GRAD_PREFIX + name
+
+
+# ============================================================================ symbolic dims
+@dataclass(frozen=True)
+class Sym:
+    """A symbolic dimension: ``coef`` times a product of named symbols (``B*T``, ``3*?4``).
+
+    Names come from ``dim_param`` of graph inputs (``B``), from ONNX inference
+    (``unk__3``) or are fresh (``?7``) for a dimension nothing is known about. Two dims are
+    proven equal when their monomials are equal.
+    """
+
+    coef: int
+    names: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return "*".join(([str(self.coef)] if self.coef != 1 else []) + list(self.names))
+
+
+Dim = int | Sym
+
+
+def _mono(d: Dim) -> tuple[int, tuple[str, ...]]:
+    return (d, ()) if isinstance(d, int) else (d.coef, d.names)
+
+
+def _make(coef: int, names) -> Dim:
+    return coef if not names or coef == 0 else Sym(coef, tuple(sorted(names)))
+
+
+def dim_mul(a: Dim | None, b: Dim | None) -> Dim | None:
+    if a is None or b is None:
+        return None
+    (ca, na), (cb, nb) = _mono(a), _mono(b)
+    return _make(ca * cb, na + nb)
+
+
+def dim_div(a: Dim | None, b: Dim | None) -> Dim | None:
+    """``a / b`` when it is exact as monomials, else None."""
+    if a is None or b is None:
+        return None
+    (ca, na), (cb, nb) = _mono(a), _mono(b)
+    if cb == 0 or ca % cb:
+        return None
+    rest = list(na)
+    for n in nb:
+        if n not in rest:
+            return None
+        rest.remove(n)
+    return _make(ca // cb, rest)
+
+
+def dim_add(a: Dim | None, b: Dim | None) -> Dim | None:
+    if a is None or b is None:
+        return None
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    if a == 0:
+        return b
+    if b == 0:
+        return a
+    return None
+
+
+def dim_prod(dims) -> Dim | None:
+    out: Dim | None = 1
+    for d in dims:
+        out = dim_mul(out, d)
+    return out
+
+
+def is_static(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) for d in dims)
+
+
+SAME_SHAPE = {
+    "Identity", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Tanh", "Erf", "Relu", "Sigmoid", "Gelu",
+    "Sign", "Floor", "Ceil", "Round", "Softmax", "LogSoftmax", "Cast", "CastLike", "Not", "IsNaN", "IsInf",
+    "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "LeakyRelu",
+    "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu",
+    "Shrink", "Clip", "Trilu", "CumSum", "Dropout", "LpNormalization", "Hardmax", "BitwiseNot",
+}
+BROADCAST = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Mean", "Equal", "Less", "LessOrEqual", "Greater",
+    "GreaterOrEqual", "And", "Or", "Xor", "Where", "PRelu", "Mod", "BitShift", "BitwiseAnd", "BitwiseOr",
+    "BitwiseXor",
+}
+BOOL_OUT = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not", "IsNaN", "IsInf"}
+INT64_OUT = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
+REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
+INT64_MAX = 2**63 - 1
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node as a numpy array (None for sparse values)."""
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), np.int64)
+    return None
+
+
+class Shapes:
+    """Symbolic shapes, dtypes and small integer values of graph values.
+
+    ``shape[v]`` is a list of dims (``int`` or :class:`Sym`) or None when even the rank is
+    unknown; ``value[v]`` is the flattened content of a small integer tensor (shape
+    vectors, axes, starts/ends) whose elements are dims or None where unknown;
+    ``const[v]`` is the numpy value of an initializer or ``Constant`` output.
+    """
+
+    def __init__(self):
+        self.shape: dict[str, list | None] = {}
+        self.dtype: dict[str, int] = {}
+        self.value: dict[str, list] = {}
+        self.const: dict[str, object] = {}
+        self.fallback: dict[str, onnx.TypeProto] = {}
+        # Sym c -> (E, D): c is the length of a slice [0:E] of an axis of static length D.
+        self.min_of: dict[Sym, tuple[Dim, int]] = {}
+        self._fresh = itertools.count()
+
+    # ------------------------------------------------------------------ dims
+    def fresh(self) -> Sym:
+        return Sym(1, (f"?{next(self._fresh)}",))
+
+    def same(self, a: Dim | None, b: Dim | None) -> bool:
+        """Are dims ``a`` and ``b`` equal whenever the forward graph runs?
+
+        Besides equal monomials, ``E`` and ``len(x[0:E])`` for an axis of static length
+        ``D >= 2`` are the same: they differ only when ``E > D``, and then the slice (of
+        length ``D``, neither 1 nor ``E``) cannot broadcast against anything of length ``E``.
+        That is how GPT-2's ``wpe[:T] + wte[tokens]`` is known to need no reduction.
+        """
+        if a is None or b is None:
+            return False
+        if a == b:
+            return True
+        for x, y in ((a, b), (b, a)):
+            m = self.min_of.get(y) if isinstance(y, Sym) else None
+            if m is not None and m[0] == x and m[1] >= 2:
+                return True
+        return False
+
+    def dims_from_type(self, tp: onnx.TypeProto) -> tuple[int, list | None]:
+        if not tp.HasField("tensor_type"):
+            return TensorProto.UNDEFINED, None
+        tt = tp.tensor_type
+        if not tt.HasField("shape"):
+            return tt.elem_type, None
+        dims = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.dim_param:
+                dims.append(Sym(1, (d.dim_param,)))
+            else:
+                dims.append(self.fresh())
+        return tt.elem_type, dims
+
+    def set_type(self, name: str, tp: onnx.TypeProto) -> None:
+        self.dtype[name], self.shape[name] = self.dims_from_type(tp)
+
+    def set_const(self, name: str, arr) -> None:
+        """Record an initializer (TensorProto) or constant (numpy array)."""
+        if isinstance(arr, onnx.TensorProto):
+            self.dtype[name] = arr.data_type
+            self.shape[name] = [int(d) for d in arr.dims]
+            size = int(np.prod(arr.dims)) if arr.dims else 1
+            self.const[name] = arr
+            if arr.data_type in INT_TYPES and size <= 64 and arr.data_location != TensorProto.EXTERNAL:
+                self.value[name] = [int(v) for v in numpy_helper.to_array(arr).ravel()]
+        else:
+            arr = np.asarray(arr)
+            self.dtype[name] = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            self.shape[name] = list(arr.shape)
+            self.const[name] = arr
+            if arr.dtype.kind in "iu" and arr.size <= 64:
+                self.value[name] = [int(v) for v in arr.ravel()]
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        c = self.const.get(name)
+        if isinstance(c, onnx.TensorProto):
+            if c.data_location == TensorProto.EXTERNAL:
+                return None
+            c = numpy_helper.to_array(c)
+            self.const[name] = c
+        return c
+
+    # ------------------------------------------------------------------ rules
+    def bcast(self, shapes: list) -> list | None:
+        if any(s is None for s in shapes):
+            return None
+        rank = max((len(s) for s in shapes), default=0)
+        out = []
+        for i in range(rank):
+            col = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+            ds = [d for d in col if d != 1]
+            uniq: list = []
+            for d in ds:
+                if not any(self.same(d, u) for u in uniq):
+                    uniq.append(d)
+                elif isinstance(d, int) or (isinstance(d, Sym) and d not in self.min_of):
+                    # prefer the more informative representative of an equal pair
+                    uniq = [d if self.same(d, u) else u for u in uniq]
+            if not uniq:
+                out.append(1)
+            elif len(uniq) == 1:
+                out.append(uniq[0])
+            else:
+                ints = [d for d in uniq if isinstance(d, int)]
+                out.append(ints[0] if ints else self.fresh())
+        return out
+
+    def _axes(self, node, A, V, rank, index=1):
+        """Axes from input ``index`` (or the ``axes`` attribute); None if not constant,
+        [] if absent."""
+        if len(node.input) > index and node.input[index]:
+            v = V[index]
+            if v is None or any(not isinstance(a, int) for a in v):
+                return None
+            axes = v
+        elif "axes" in A:
+            axes = list(A["axes"])
+        else:
+            return []
+        return [a + rank if a < 0 else a for a in axes]
+
+    def _dims_or_fresh(self, v: list | None, n: int | None = None) -> list | None:
+        if v is None:
+            return None if n is None else [self.fresh() for _ in range(n)]
+        return [d if d is not None else self.fresh() for d in v]
+
+    def infer(self, node: onnx.NodeProto, use_fallback: bool = False) -> None:
+        """Set shape, dtype and value of every output of ``node``."""
+        n_out = len(node.output)
+        outs: list = [None] * n_out
+        dts: list = [None] * n_out
+        vals: list = [None] * n_out
+        if node.domain in ("", "ai.onnx"):
+            try:
+                self._infer(node, outs, dts, vals)
+            except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
+                outs, dts, vals = [None] * n_out, [None] * n_out, [None] * n_out
+        first = next((self.dtype.get(i) for i in node.input if i and self.dtype.get(i)), TensorProto.UNDEFINED)
+        for k, o in enumerate(node.output):
+            if not o:
+                continue
+            shape, dt = outs[k], dts[k]
+            if dt is None and node.domain in ("", "ai.onnx") and node.op_type not in ("If", "Loop", "Scan"):
+                dt = first
+            if use_fallback and o in self.fallback:
+                fdt, fdims = self.dims_from_type(self.fallback[o])
+                if fdt:
+                    dt = fdt
+                shape = self._merge(shape, fdims)
+            self.shape[o] = shape
+            self.dtype[o] = dt or TensorProto.UNDEFINED
+            if vals[k] is not None and len(vals[k]) <= 64:
+                self.value[o] = vals[k]
+
+    def _merge(self, mine, theirs):
+        if mine is None:
+            return theirs
+        if theirs is None or len(theirs) != len(mine):
+            return mine
+        out = []
+        for m, t in zip(mine, theirs):
+            if isinstance(t, int) and not isinstance(m, int):
+                out.append(t)
+            elif (isinstance(m, Sym) and len(m.names) == 1 and m.coef == 1 and m.names[0].startswith("?")
+                  and m not in self.min_of and isinstance(t, Sym) and not t.names[0].startswith("?")):
+                out.append(t)
+            else:
+                out.append(m)
+        return out
+
+    def _infer(self, node, outs, dts, vals):  # noqa: C901 - one flat table of ops
+        op = node.op_type
+        ins = list(node.input)
+        S = [self.shape.get(i) if i else None for i in ins]
+        V = [self.value.get(i) if i else None for i in ins]
+        A = _attrs(node)
+        x = S[0] if S else None
+
+        if op in BOOL_OUT:
+            dts[0] = TensorProto.BOOL
+        if op in INT64_OUT:
+            dts[0] = TensorProto.INT64
+
+        if op == "Constant":
+            arr = constant_node_value(node)
+            if arr is not None:
+                self.set_const(node.output[0], arr)
+                outs[0], dts[0] = self.shape[node.output[0]], self.dtype[node.output[0]]
+                vals[0] = self.value.get(node.output[0])
+        elif op in SAME_SHAPE:
+            outs[0] = x
+            if op == "Cast":
+                dts[0] = A["to"]
+            elif op == "CastLike":
+                dts[0] = self.dtype.get(ins[1])
+            elif op == "Dropout" and len(outs) > 1:
+                outs[1], dts[1] = x, TensorProto.BOOL
+            if op in ("Identity", "Cast", "CastLike") and V[0] is not None:
+                vals[0] = V[0]
+            elif op == "Neg" and V[0] is not None and all(isinstance(d, int) for d in V[0]):
+                vals[0] = [-d for d in V[0]]
+        elif op in BROADCAST:
+            outs[0] = self.bcast(S if op != "Where" else S[:3])
+            if op == "Where":
+                dts[0] = self.dtype.get(ins[1])
+            if op in ("Add", "Sub", "Mul", "Div", "Max", "Min") and V[0] is not None and V[1] is not None:
+                vals[0] = self._arith(op, V[0], V[1])
+        elif op in REDUCE:
+            if x is not None:
+                keep = A.get("keepdims", 1)
+                axes = self._axes(node, A, V, len(x))
+                if axes is None:
+                    outs[0] = [self.fresh() for _ in x] if keep else None
+                elif not axes:
+                    outs[0] = x if A.get("noop_with_empty_axes", 0) else ([1] * len(x) if keep else [])
+                else:
+                    outs[0] = [1 if i in axes else d for i, d in enumerate(x) if keep or i not in axes]
+        elif op in ("ArgMax", "ArgMin"):
+            if x is not None:
+                a = A.get("axis", 0) % max(len(x), 1)
+                outs[0] = [1 if i == a else d for i, d in enumerate(x) if A.get("keepdims", 1) or i != a]
+        elif op == "MatMul":
+            a, b = S[0], S[1]
+            if a is not None and b is not None:
+                if len(a) == 1 and len(b) == 1:
+                    outs[0] = []
+                else:
+                    a2 = [1] + a if len(a) == 1 else a
+                    b2 = b + [1] if len(b) == 1 else b
+                    out = self.bcast([a2[:-2], b2[:-2]]) + [a2[-2], b2[-1]]
+                    if len(b) == 1:
+                        out.pop(-1)
+                    if len(a) == 1:
+                        out.pop(-2 if len(b) != 1 else -1)
+                    outs[0] = out
+        elif op == "Gemm":
+            a, b = S[0], S[1]
+            if a is not None and b is not None:
+                outs[0] = [a[1] if A.get("transA", 0) else a[0], b[0] if A.get("transB", 0) else b[1]]
+        elif op == "Transpose":
+            if x is not None:
+                perm = A.get("perm", list(range(len(x)))[::-1])
+                outs[0] = [x[p] for p in perm]
+        elif op == "Reshape":
+            t = V[1]
+            if t is None:
+                s1 = S[1]
+                outs[0] = [self.fresh() for _ in range(s1[0])] if is_static(s1) and len(s1) == 1 else None
+            else:
+                allowzero = A.get("allowzero", 0)
+                out, neg = [], None
+                for i, d in enumerate(t):
+                    if d is None:
+                        out.append(self.fresh())
+                    elif d == 0 and not allowzero:
+                        out.append(x[i] if x is not None and i < len(x) else self.fresh())
+                    elif d == -1:
+                        neg = i
+                        out.append(None)
+                    else:
+                        out.append(d)
+                if neg is not None:
+                    total = dim_prod(x) if x is not None else None
+                    known = dim_prod(d for i, d in enumerate(out) if i != neg)
+                    q = dim_div(total, known)
+                    out[neg] = q if q is not None else self.fresh()
+                outs[0] = out
+            vals[0] = V[0]
+        elif op == "Flatten":
+            if x is not None:
+                a = A.get("axis", 1)
+                a = a + len(x) if a < 0 else a
+                outs[0] = [dim_prod(x[:a]), dim_prod(x[a:])]
+        elif op == "Squeeze":
+            if x is not None:
+                axes = self._axes(node, A, V, len(x))
+                if axes is None:
+                    outs[0] = None
+                elif axes:
+                    outs[0] = [d for i, d in enumerate(x) if i not in axes]
+                elif is_static(x):
+                    outs[0] = [d for d in x if d != 1]
+            vals[0] = V[0]
+        elif op == "Unsqueeze":
+            if x is not None:
+                r = len(x) + len(V[1] or A.get("axes", []))
+                axes = self._axes(node, A, V, r)
+                if axes is not None and axes:
+                    it = iter(x)
+                    outs[0] = [1 if i in axes else next(it) for i in range(r)]
+            vals[0] = V[0]
+        elif op == "Concat":
+            if all(s is not None for s in S):
+                r = len(S[0])
+                a = A["axis"] + r if A["axis"] < 0 else A["axis"]
+                tot = 0
+                for s in S:
+                    tot = dim_add(tot, s[a])
+                out = list(S[0])
+                out[a] = tot if tot is not None else self.fresh()
+                outs[0] = self.bcast_like_concat(S, a, out)
+            if all(v is not None for v in V) and V:
+                vals[0] = [d for v in V for d in v]
+        elif op == "Split":
+            if x is not None:
+                a = A.get("axis", 0)
+                a = a + len(x) if a < 0 else a
+                n = len(node.output)
+                if len(ins) > 1 and ins[1]:
+                    sizes = V[1] if V[1] is not None else [None] * n
+                elif isinstance(x[a], int):
+                    k = -(-x[a] // n)
+                    sizes = [min(k, x[a] - k * i) for i in range(n)]
+                elif n == 1:
+                    sizes = [x[a]]
+                else:
+                    sizes = [None] * n
+                for i in range(n):
+                    out = list(x)
+                    out[a] = sizes[i] if sizes[i] is not None else self.fresh()
+                    outs[i] = out
+        elif op == "Slice":
+            outs[0], vals[0] = self._slice(node, S, V)
+        elif op == "Gather":
+            d, idx = S[0], S[1]
+            if d is not None and idx is not None:
+                a = A.get("axis", 0)
+                a = a + len(d) if a < 0 else a
+                outs[0] = d[:a] + idx + d[a + 1:]
+            if V[0] is not None and V[1] is not None and d is not None and len(d) == 1:
+                try:
+                    picked = [V[0][i] for i in V[1]]
+                    vals[0] = picked
+                except (IndexError, TypeError):
+                    pass
+        elif op == "GatherElements":
+            outs[0] = S[1]
+        elif op in ("ScatterND", "ScatterElements", "Scatter"):
+            outs[0] = x
+        elif op == "Expand":
+            if V[1] is not None:
+                outs[0] = self.bcast([x, self._dims_or_fresh(V[1])])
+            elif is_static(S[1]) and len(S[1]) == 1:
+                outs[0] = self.bcast([x, [self.fresh() for _ in range(S[1][0])]])
+        elif op == "Tile":
+            if x is not None and V[1] is not None and all(isinstance(r, int) for r in V[1]):
+                outs[0] = [dim_mul(d, r) for d, r in zip(x, V[1])]
+        elif op == "Shape":
+            if x is not None:
+                s, e = A.get("start", 0), A.get("end", len(x))
+                picked = x[s:e]
+                outs[0] = [len(picked)]
+                vals[0] = list(picked)
+        elif op == "Size":
+            outs[0] = []
+            if x is not None:
+                vals[0] = [dim_prod(x)]
+        elif op == "ConstantOfShape":
+            outs[0] = self._dims_or_fresh(V[0], S[0][0] if is_static(S[0]) and len(S[0]) == 1 else None)
+            dts[0] = A["value"].data_type if "value" in A else TensorProto.FLOAT
+        elif op == "Range":
+            s, l, d = (v[0] if v is not None and len(v) == 1 else None for v in V[:3])
+            if all(isinstance(t, int) for t in (s, l, d)) and d != 0:
+                n = max(math.ceil((l - s) / d), 0)
+                outs[0] = [n]
+                if n <= 64:
+                    vals[0] = list(range(s, l, d))
+            elif s == 0 and d == 1 and l is not None:
+                outs[0] = [l]
+            else:
+                outs[0] = [self.fresh()]
+        elif op == "Pad":
+            if x is not None:
+                pads = V[1]
+                axes = self._axes(node, A, V, len(x), index=3) if len(ins) > 3 and ins[3] else list(range(len(x)))
+                if pads is None or axes is None:
+                    outs[0] = [self.fresh() for _ in x]
+                else:
+                    out = list(x)
+                    n = len(axes)
+                    for j, a in enumerate(axes):
+                        v = dim_add(dim_add(out[a], pads[j]), pads[j + n])
+                        out[a] = v if v is not None else self.fresh()
+                    outs[0] = out
+        elif op == "LayerNormalization":
+            if x is not None:
+                a = A.get("axis", -1)
+                a = a + len(x) if a < 0 else a
+                outs[0] = x
+                stat = [d if i < a else 1 for i, d in enumerate(x)]
+                for k in (1, 2):
+                    if k < len(outs):
+                        outs[k] = stat
+                        dts[k] = TensorProto.FLOAT if A.get("stash_type", 1) == 1 else self.dtype.get(ins[0])
+        elif op == "Attention":
+            q, k, v = S[0], S[1], S[2]
+            if q is not None and k is not None and v is not None and len(q) == 4 and len(v) == 4:
+                outs[0] = [q[0], q[1], q[2], v[3]]
+                if len(outs) > 3:
+                    outs[3] = [q[0], q[1], q[2], k[2]]
+
+    def bcast_like_concat(self, S, a, out):
+        # the non-concatenated dims of a Concat are equal across inputs; keep the best known
+        for s in S:
+            for i, d in enumerate(s):
+                if i != a and isinstance(d, int):
+                    out[i] = d
+        return out
+
+    def _arith(self, op, a, b):
+        if len(a) != len(b):
+            if len(a) == 1:
+                a = a * len(b)
+            elif len(b) == 1:
+                b = b * len(a)
+            else:
+                return None
+        out = []
+        for x, y in zip(a, b):
+            if x is None or y is None:
+                out.append(None)
+            elif isinstance(x, int) and isinstance(y, int):
+                if op == "Add":
+                    out.append(x + y)
+                elif op == "Sub":
+                    out.append(x - y)
+                elif op == "Mul":
+                    out.append(x * y)
+                elif op == "Div":
+                    out.append(int(x / y) if y else None)
+                elif op == "Max":
+                    out.append(max(x, y))
+                else:
+                    out.append(min(x, y))
+            elif op == "Add":
+                out.append(dim_add(x, y))
+            elif op == "Sub":
+                out.append(x if y == 0 else (0 if x == y else None))
+            elif op == "Mul":
+                out.append(dim_mul(x, y))
+            elif op == "Div":
+                out.append(dim_div(x, y))
+            else:
+                out.append(x if x == y else None)
+        return out
+
+    def _slice(self, node, S, V):
+        x = S[0]
+        if x is None:
+            return None, None
+        r = len(x)
+        starts, ends = V[1], V[2]
+        n = len(starts) if starts is not None else (len(ends) if ends is not None else None)
+        if n is None:
+            return [self.fresh() for _ in x], None
+        axes = V[3] if len(node.input) > 3 and node.input[3] else list(range(n))
+        steps = V[4] if len(node.input) > 4 and node.input[4] else [1] * n
+        if axes is None or any(not isinstance(a, int) for a in axes):
+            return [self.fresh() for _ in x], None
+        out = list(x)
+        val = None
+        for j, a in enumerate(axes):
+            a = a + r if a < 0 else a
+            d = x[a]
+            s = starts[j] if starts is not None else None
+            e = ends[j] if ends is not None else None
+            st = steps[j] if steps is not None else None
+            if isinstance(d, int) and all(isinstance(t, int) for t in (s, e, st)) and st != 0:
+                out[a] = len(range(*slice(s, e, st).indices(d)))
+            elif s == 0 and st == 1 and isinstance(e, int) and e >= 2**62:
+                out[a] = d
+            elif s == 0 and st == 1 and e is not None and self.same(e, d):
+                out[a] = d
+            elif s == 0 and st == 1 and isinstance(e, Sym) and isinstance(d, int) and d >= 2:
+                c = self.fresh()
+                self.min_of[c] = (e, d)
+                out[a] = c
+            else:
+                out[a] = self.fresh()
+        if V[0] is not None and r == 1 and starts is not None and ends is not None and steps is not None:
+            s, e, st = starts[0], ends[0], steps[0]
+            if all(isinstance(t, int) for t in (s, e, st)) and st != 0:
+                val = V[0][slice(s, e, st)]
+        return out, val
+
+
+# ============================================================================ context
+class GradContext:
+    """What a VJP rule sees: the builder, shapes, and shared gradient helpers.
+
+    ``ctx.b`` is a :class:`GraphBuilder` appending to the training graph. Values a rule
+    creates get their shapes inferred as they are emitted (``ctx.shape(v)``).
+    """
+
+    def __init__(self, b: GraphBuilder, shapes: Shapes, needed: set[str]):
+        self.b = b
+        self.shapes = shapes
+        self.needed = needed
+        self._seen_nodes = len(b.nodes)
+        self._seen_inits = len(b.initializers)
+        self.contribs: dict[str, list[str]] = {}
+        self.grads: dict[str, str | None] = {}
+        self.lazy: dict[str, str] = {}             # Expand output -> unexpanded source
+        self.scatter_into_zeros: dict[str, onnx.NodeProto] = {}  # scatter-add output -> its node
+        self.node: onnx.NodeProto | None = None    # the forward node whose rule is running
+
+    # ------------------------------------------------------------------ queries
+    def _sync(self) -> None:
+        inits = self.b.initializers
+        while self._seen_inits < len(inits):
+            t = inits[self._seen_inits]
+            self.shapes.set_const(t.name, t)
+            self._seen_inits += 1
+        nodes = self.b.nodes
+        while self._seen_nodes < len(nodes):
+            self.shapes.infer(nodes[self._seen_nodes])
+            self._seen_nodes += 1
+
+    def shape(self, v: str) -> list | None:
+        """Dims of ``v`` (ints and :class:`Sym`), or None when the rank is unknown."""
+        self._sync()
+        return self.shapes.shape.get(v)
+
+    def rank(self, v: str) -> int | None:
+        s = self.shape(v)
+        return None if s is None else len(s)
+
+    def static_shape(self, v: str) -> tuple[int, ...] | None:
+        s = self.shape(v)
+        return tuple(s) if is_static(s) else None
+
+    def dtype(self, v: str) -> int:
+        self._sync()
+        return self.shapes.dtype.get(v, TensorProto.UNDEFINED)
+
+    def np_dtype(self, v: str) -> np.dtype:
+        return np_dtype(self.dtype(v))
+
+    def is_float(self, v: str) -> bool:
+        return self.dtype(v) in FLOAT_TYPES
+
+    def needs(self, v: str) -> bool:
+        """Whether input ``v`` of the current node wants a gradient."""
+        return bool(v) and v in self.needed
+
+    def const_value(self, v: str) -> np.ndarray | None:
+        """The value of ``v`` if it is an initializer or a ``Constant`` output."""
+        self._sync()
+        return self.shapes.const_value(v) if v else None
+
+    def int_values(self, v: str) -> list | None:
+        """The content of a small integer tensor when statically known (dims may be Sym)."""
+        self._sync()
+        return self.shapes.value.get(v)
+
+    @staticmethod
+    def attr(node: onnx.NodeProto, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def same_shape(self, a: str, b: str) -> bool:
+        sa, sb = self.shape(a), self.shape(b)
+        return (sa is not None and sb is not None and len(sa) == len(sb)
+                and all(self.shapes.same(x, y) for x, y in zip(sa, sb)))
+
+    # ------------------------------------------------------------------ constants
+    def const(self, value, like: str, hint: str = "c") -> str:
+        """A constant with the dtype of ``like``."""
+        return self.b.const(np.asarray(value, dtype=self.np_dtype(like)), hint)
+
+    def scalar(self, value: float, like: str) -> str:
+        return self.const(np.array(value), like)
+
+    def shape_tensor(self, v: str) -> str:
+        """int64 [rank] shape of ``v``: a constant when static, else ``Shape(v)``."""
+        s = self.static_shape(v)
+        return self.b.i64(*s) if s is not None else self.b.Shape(v)
+
+    def dim_tensor(self, v: str, axis: int) -> str:
+        """int64 [1]: dimension ``axis`` of ``v``."""
+        s = self.shape(v)
+        if s is not None and isinstance(s[axis], int):
+            return self.b.i64(s[axis])
+        r = len(s) if s is not None else None
+        a = axis + r if (axis < 0 and r is not None) else axis
+        return self.b.Shape(v, start=a, end=a + 1 if a != -1 else None)
+
+    def zeros(self, like: str) -> str:
+        """Zeros with the shape and dtype of ``like``."""
+        value = helper.make_tensor("value", self.dtype(like), [1], [0])
+        return self.b.ConstantOfShape(self.shape_tensor(like), value=value, name="zeros")
+
+    # ------------------------------------------------------------------ helpers
+    def transpose(self, x: str, perm: Sequence[int]) -> str:
+        """Transpose, cancelling against a producing Transpose (``T(T(x)) == x``)."""
+        perm = list(perm)
+        if perm == sorted(perm):
+            return x
+        prod = self._producer(x)
+        if prod is not None and prod.op_type == "Transpose":
+            inner = self.attr(prod, "perm")
+            if inner is not None and len(inner) == len(perm):
+                composed = [inner[p] for p in perm]    # transpose(transpose(s, inner), perm)
+                if composed == list(range(len(perm))):
+                    return prod.input[0]
+                return self.b.Transpose(prod.input[0], perm=composed)
+        return self.b.Transpose(x, perm=perm)
+
+    def swap_last(self, x: str) -> str:
+        """``x`` with its last two axes swapped."""
+        r = self.rank(x)
+        if r is None:
+            raise NotImplementedError(f"rank of {x!r} is unknown")
+        return self.transpose(x, list(range(r - 2)) + [r - 1, r - 2])
+
+    def _producer(self, v: str) -> onnx.NodeProto | None:
+        for n in reversed(self.b.nodes):
+            if v in n.output:
+                return n
+        return None
+
+    def broadcast_to(self, g: str, like: str) -> str:
+        """``g`` broadcast to the shape of ``like``.
+
+        The ``Expand`` is remembered: if the value it feeds is summed with a contribution
+        that already has the full shape, the unexpanded ``g`` is summed instead.
+        """
+        if self.same_shape(g, like):
+            return g
+        out = self.b.Expand(g, self.shape_tensor(like))
+        self.lazy[out] = g
+        return out
+
+    def unexpanded(self, g: str, partner: str, out: str) -> str:
+        """``g`` before a pending broadcast, when multiplying it by ``partner`` (which has
+        the full shape of ``out``) broadcasts it anyway; else ``g`` itself."""
+        src = self.lazy.get(g)
+        return src if src is not None and self.same_shape(partner, out) else g
+
+    def scatter_add(self, like: str, indices: str, updates: str) -> str:
+        """``ScatterND(zeros_like(like), indices, updates, reduction="add")``.
+
+        Duplicate indices accumulate. When this is summed with other gradients of the same
+        value, the scatter is re-pointed to add into their sum instead of into zeros.
+        """
+        out = self.b.ScatterND(self.zeros(like), indices, updates, reduction="add", name="scatter_add")
+        self.scatter_into_zeros[out] = self.b.nodes[-1]
+        return out
+
+    def sum(self, values: Sequence[str]) -> str:
+        values = list(values)
+        return values[0] if len(values) == 1 else self.b.Sum(*values)
+
+    # ------------------------------------------------------------------ broadcasting
+    def reduce_to_shape(self, grad: str, like: str) -> str:
+        """Sum ``grad`` over the axes along which ``like`` was broadcast.
+
+        ``grad`` has the (broadcast) shape of an op's output, ``like`` is one of its
+        inputs. Leading axes (rank difference) and axes where ``like`` is statically 1
+        are reduced with constant axes; a symbolic ``like`` dim that could be 1 or the
+        full size is handled by splitting that axis of ``grad`` into
+        ``(like_dim, grad_dim / like_dim)`` and reducing the second part (still constant
+        axes, one ``Reshape``); with unknown ranks, axes are computed at run time.
+        """
+        gs, ls = self.shape(grad), self.shape(like)
+        if gs is None or ls is None or len(gs) < len(ls):
+            return self._reduce_dynamic(grad, like)
+        k = len(gs) - len(ls)
+        axes, uncertain = list(range(k)), []
+        for i, ld in enumerate(ls):
+            gd = gs[k + i]
+            if self.shapes.same(ld, gd):
+                continue
+            if ld == 1:
+                axes.append(k + i)
+            elif isinstance(ld, int) or gd == 1:
+                continue  # a static dim > 1 is never broadcast; a 1 in grad means like is 1 too
+            else:
+                uncertain.append(k + i)
+        b = self.b
+        if not axes and not uncertain:
+            return grad
+        if not uncertain:
+            if all(a < k for a in axes):
+                return b.ReduceSum(grad, b.i64(*axes), keepdims=0)
+            r = b.ReduceSum(grad, b.i64(*axes), keepdims=1)
+            return b.Squeeze(r, b.i64(*range(k))) if k else r
+        pieces, red = [], []
+        for j in range(len(gs)):
+            if j in uncertain:
+                ld = self.dim_tensor(like, j - k)
+                pieces += [ld, b.Div(self.dim_tensor(grad, j), ld)]
+                red.append(len(pieces) - 1)
+            else:
+                pieces.append(self.dim_tensor(grad, j))
+                if j in axes:
+                    red.append(len(pieces) - 1)
+        split = b.Reshape(grad, b.Concat(*pieces, axis=0))
+        return b.Reshape(b.ReduceSum(split, b.i64(*red), keepdims=0), self.shape_tensor(like))
+
+    def _reduce_dynamic(self, grad: str, like: str) -> str:
+        b = self.b
+        sg, sl = b.Shape(grad), b.Shape(like)
+        k = b.Sub(b.Shape(sg), b.Shape(sl))
+        ones = b.ConstantOfShape(k, value=helper.make_tensor("value", TensorProto.INT64, [1], [1]))
+        padded = b.Concat(ones, sl, axis=0)
+        rank = b.Squeeze(b.Shape(sg), b.i64(0))
+        idx = b.Range(b.const(np.array(0, np.int64)), rank, b.const(np.array(1, np.int64)))
+        axes = b.Compress(idx, b.Equal(padded, b.i64(1)))
+        red = b.ReduceSum(grad, axes, keepdims=1, noop_with_empty_axes=1)
+        return b.Reshape(red, sl)
+
+    # ------------------------------------------------------------------ fan-in
+    def grad_of(self, v: str) -> str | None:
+        """The total gradient of ``v``: its contributions summed (once)."""
+        if v in self.grads:
+            return self.grads[v]
+        cs = self.contribs.get(v, [])
+        if not cs:
+            g = None
+        elif len(cs) == 1:
+            g = cs[0]
+        else:
+            g = self._accumulate(v, cs)
+        self.grads[v] = g
+        return g
+
+    def _accumulate(self, v: str, cs: list[str]) -> str:
+        full = [c for c in cs if c not in self.lazy and self.same_shape(c, v)]
+        if full:
+            cs = [self.lazy.get(c, c) for c in cs]
+        scatters = [c for c in cs if c in self.scatter_into_zeros]
+        others = [c for c in cs if c not in self.scatter_into_zeros]
+        if scatters and others and any(self.same_shape(c, v) for c in others):
+            base = self.sum(others)
+            for sc in scatters:
+                node = self.scatter_into_zeros.pop(sc)
+                node.input[0] = base
+                self.b.nodes.remove(node)        # move it after the nodes computing base
+                self.b.nodes.append(node)
+                base = sc
+            return base
+        return self.b.Sum(*cs, name="grad_sum")
+
+
+# ============================================================================ the pass
+def _no_gradient(node: onnx.NodeProto) -> bool:
+    rule = VJP.get((node.domain or "", node.op_type))
+    return bool(getattr(rule, "no_gradient", False))
+
+
+def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    if model.ByteSize() > 1_800_000_000:
+        return {}
+    for kwargs in ({"strict_mode": True, "data_prop": True}, {"strict_mode": False}):
+        try:
+            m = onnx.shape_inference.infer_shapes(model, **kwargs)
+            break
+        except Exception:  # noqa: BLE001 - inference is only a hint here
+            continue
+    else:
+        return {}
+    return {vi.name: vi.type for vi in [*m.graph.value_info, *m.graph.output, *m.graph.input]}
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return None
+
+
+def _to_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    version = _default_opset(model)
+    if version == OPSET or version is None:
+        return model
+    if version > OPSET:
+        raise GraphcError(None, f"model uses opset {version}; graphc supports up to {OPSET}", "opset")
+    try:
+        from onnx import version_converter
+
+        return version_converter.convert_version(model, OPSET)
+    except Exception as e:  # noqa: BLE001
+        raise GraphcError(None, f"cannot convert the model from opset {version} to {OPSET}: {e}", "opset") from None
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(i for i in n.input if i)
+                names |= _subgraph_inputs(n)
+    return names
+
+
+def _topo_check(graph: onnx.GraphProto) -> None:
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        for i in node.input:
+            if i not in known:
+                raise GraphcError(None, f"node {node.name or node.op_type!r} uses {i!r} before it is defined "
+                                        "(the graph is not topologically sorted)", "graph")
+        known.update(node.output)
+
+
+def _value_info(name: str, elem: int, dims) -> onnx.ValueInfoProto:
+    if dims is None:
+        return helper.make_tensor_value_info(name, elem, None)
+    shape = [d if isinstance(d, int) else (d.names[0] if d.coef == 1 and len(d.names) == 1
+                                            and not d.names[0].startswith("?") else None) for d in dims]
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def differentiate(model: onnx.ModelProto, loss: str, wrt: Sequence[str], keep_outputs: bool = True) -> onnx.ModelProto:
+    """The training model: forward + backward, with ``grad.<w>`` outputs for ``w`` in ``wrt``.
+
+    The result has the same inputs and initializers as ``model``; its outputs are the
+    loss, the original outputs (when ``keep_outputs``), then one gradient per ``wrt`` in
+    order, each with its primal's dtype and shape. Raises :class:`GraphcError` for a bad
+    loss or wrt name and ``NotImplementedError`` (naming the node) for an op on the path
+    from a ``wrt`` to the loss that has no rule.
+    """
+    wrt = list(wrt)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m = _to_opset(m)
+    _topo_check(m.graph)
+    m = _inline_if_needed(m, loss, wrt)
+    graph = m.graph
+
+    shapes = Shapes()
+    shapes.fallback = _inferred_types(m)
+    for vi in graph.input:
+        shapes.set_type(vi.name, vi.type)
+    for t in graph.initializer:
+        shapes.set_const(t.name, t)
+    for node in graph.node:
+        shapes.infer(node, use_fallback=True)
+
+    produced = {o for n in graph.node for o in n.output if o}
+    input_names = [i.name for i in graph.input]
+    init_names = {t.name for t in graph.initializer}
+    all_values = set(input_names) | init_names | produced
+    _check_loss(shapes, loss, all_values)
+    _check_wrt(shapes, wrt, set(input_names) | init_names, all_values)
+
+    # ---- activity: forward from wrt, backward from loss
+    def is_float(v: str) -> bool:
+        return shapes.dtype.get(v, TensorProto.UNDEFINED) in FLOAT_TYPES | {TensorProto.UNDEFINED}
+
+    active = set(wrt)
+    for node in graph.node:
+        if not _no_gradient(node) and any(i in active for i in node.input if i):
+            active.update(o for o in node.output if o and is_float(o))
+    needed = {loss} if loss in active else set()
+    path: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if _no_gradient(node) or not any(o in needed for o in node.output if o):
+            continue
+        ins = [i for i in node.input if i in active]
+        if ins:
+            path.append(node)
+            needed.update(ins)
+    rules = [lookup(node) for node in path]  # fail before emitting anything
+
+    # ---- reverse walk
+    b = GraphBuilder.wrap(graph, opset=OPSET)
+    b.functions = {(f.domain, f.name): f for f in m.functions}
+    b.reserve(grad_name(w) for w in wrt)
+    n_forward = len(b.nodes)
+    ctx = GradContext(b, shapes, needed)
+    if loss in needed:
+        ones = np.ones([d if isinstance(d, int) else 1 for d in (shapes.shape.get(loss) or [])],
+                       dtype=np_dtype(shapes.dtype[loss]))
+        seed = b.const(ones, "grad_seed")
+        if not is_static(shapes.shape.get(loss)):
+            seed = b.Expand(seed, b.Shape(loss), name="grad_seed")
+        ctx.contribs[loss] = [seed]
+    for node, rule in zip(path, rules):
+        grads = [ctx.grad_of(o) if o in needed else None for o in node.output]
+        if all(g is None for g in grads):
+            continue
+        ctx.node = node
+        with b.scope(f"grad/{node.name or node.op_type}"):
+            result = rule(ctx, node, grads)
+        if len(result) > len(node.input):
+            raise RuntimeError(f"rule for {node.op_type} returned {len(result)} gradients for {len(node.input)} inputs")
+        for inp, g in zip(node.input, result):
+            if g is None or not inp or inp not in needed:
+                continue
+            _check_grad_shape(ctx, node, inp, g)
+            ctx.contribs.setdefault(inp, []).append(g)
+    ctx.node = None
+
+    # ---- gradient outputs
+    outputs: list[onnx.ValueInfoProto] = []
+    orig_outputs = {o.name: o for o in graph.output}
+    outputs.append(orig_outputs.get(loss) or _value_info(loss, shapes.dtype[loss], shapes.shape.get(loss)))
+    if keep_outputs:
+        outputs += [o for o in graph.output if o.name != loss]
+    inputs_by_name = {i.name: i for i in graph.input}
+    inits_by_name = {t.name: t for t in graph.initializer}
+    backward_out = {o: n for n in b.nodes[n_forward:] for o in n.output}
+    output_names = {o.name for o in outputs}
+    for w in wrt:
+        name = grad_name(w)
+        g = ctx.grad_of(w) if w in needed else None
+        if g is None:
+            warnings.warn(f"the loss {loss!r} does not depend on {w!r}; its gradient is zero", stacklevel=2)
+            value = helper.make_tensor("value", shapes.dtype[w], [1], [0])
+            b.ConstantOfShape(ctx.shape_tensor(w), value=value, outputs=[name], name=f"{name}.zeros")
+        else:
+            producer = backward_out.get(g)
+            consumed = any(g in n.input for n in b.nodes)
+            if producer is not None and not consumed and g not in output_names:
+                producer.output[list(producer.output).index(g)] = name
+                del backward_out[g]
+            else:
+                b.Identity(g, outputs=[name], name=name)
+        output_names.add(name)
+        if w in inputs_by_name:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(inputs_by_name[w])
+            vi.name = name
+            vi.ClearField("doc_string")
+        else:
+            t = inits_by_name[w]
+            vi = helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+        outputs.append(vi)
+
+    return _assemble(m, b, outputs, n_forward)
+
+
+def _check_grad_shape(ctx: GradContext, node, inp: str, g: str) -> None:
+    gs, ps = ctx.shape(g), ctx.shape(inp)
+    if gs is None or ps is None:
+        return
+    if len(gs) != len(ps) or any(isinstance(a, int) and isinstance(c, int) and a != c for a, c in zip(gs, ps)):
+        raise RuntimeError(f"gradient rule for {node.op_type} (node {node.name!r}) produced a gradient of shape "
+                           f"{gs} for input {inp!r} of shape {ps}")
+    if ctx.dtype(g) and ctx.dtype(inp) and ctx.dtype(g) != ctx.dtype(inp):
+        raise RuntimeError(f"gradient rule for {node.op_type} (node {node.name!r}) produced a "
+                           f"{helper.tensor_dtype_to_np_dtype(ctx.dtype(g))} gradient for {inp!r}")
+
+
+def _check_loss(shapes: Shapes, loss: str, values: set[str]) -> None:
+    if loss not in values:
+        raise GraphcError(None, f"{loss!r} is not a value of the graph", "loss")
+    dt = shapes.dtype.get(loss, TensorProto.UNDEFINED)
+    if dt not in FLOAT_TYPES:
+        raise GraphcError(None, f"{loss!r} is {helper.tensor_dtype_to_string(dt)}, expected a floating-point scalar",
+                          "loss")
+    s = shapes.shape.get(loss)
+    if s is not None and (any(isinstance(d, int) and d != 1 for d in s)):
+        raise GraphcError(None, f"{loss!r} has shape {s}, expected a scalar (or a 1-element tensor)", "loss")
+
+
+def _check_wrt(shapes: Shapes, wrt: list[str], leaves: set[str], values: set[str]) -> None:
+    seen = set()
+    for w in wrt:
+        if w in seen:
+            raise GraphcError(None, f"{w!r} is listed twice", "wrt")
+        seen.add(w)
+        if w not in leaves:
+            what = "an intermediate value" if w in values else "not a value of the graph"
+            raise GraphcError(None, f"{w!r} is {what}; expected a graph input or initializer", "wrt")
+        dt = shapes.dtype.get(w, TensorProto.UNDEFINED)
+        if dt not in FLOAT_TYPES:
+            raise GraphcError(None, f"{w!r} is {helper.tensor_dtype_to_string(dt)}, not floating point", "wrt")
+        if grad_name(w) in values:
+            raise GraphcError(None, f"the graph already has a value named {grad_name(w)!r}", "wrt")
+
+
+def _inline_if_needed(m: onnx.ModelProto, loss: str, wrt: list[str]) -> onnx.ModelProto:
+    """Inline local functions (e.g. fused ops) that have no gradient rule of their own."""
+    local = {(f.domain, f.name) for f in m.functions}
+    missing = {(n.domain or "", n.op_type) for n in m.graph.node
+               if (n.domain or "", n.op_type) in local and (n.domain or "", n.op_type) not in VJP}
+    if not missing:
+        return m
+    from onnx import inliner
+
+    return inliner.inline_selected_functions(m, sorted(missing), exclude=False)
+
+
+def _assemble(m: onnx.ModelProto, b: GraphBuilder, outputs: list[onnx.ValueInfoProto], n_forward: int) -> onnx.ModelProto:
+    graph = m.graph
+    n_inits = len(graph.initializer)
+    new_consts = {t.name: t for t in b.initializers[n_inits:]}
+
+    # dead-code elimination from the outputs
+    live = {o.name for o in outputs}
+    kept = []
+    for node in reversed(b.nodes):
+        if any(o in live for o in node.output if o):
+            kept.append(node)
+            live.update(i for i in node.input if i)
+            live |= _subgraph_inputs(node)
+    kept.reverse()
+
+    const_nodes = [helper.make_node("Constant", [], [name], name=b.fresh_node(f"{name}_const"), value=t)
+                   for name, t in new_consts.items() if name in live]
+    nodes = const_nodes + kept
+    value_info = [vi for vi in graph.value_info if vi.name in live and vi.name not in {o.name for o in outputs}]
+    new_graph = helper.make_graph(nodes, graph.name, list(graph.input), outputs, list(graph.initializer),
+                                  doc_string=graph.doc_string, value_info=value_info)
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    out.graph.CopyFrom(new_graph)
+    if not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("", OPSET))
+    return infer(out)
