@@ -53,7 +53,6 @@ def bind(model: onnx.ModelProto, params: Params) -> onnx.ModelProto:
     g.input.extend(keep)
     for name in bound:
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(feeds[name], dtype=np.float32), name))
-    # value_info for the former inputs is redundant now; initializers carry their shapes
     return model
 
 
