@@ -94,7 +94,7 @@ def kv_cache_model(params: Params) -> onnx.ModelProto:
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """``model`` at ``opset`` (graphc builds at :data:`graphc.OPSET`), or a one-line error."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise GraphcError(str(opset), f"opset must be between {MIN_OPSET} and {MAX_OPSET}", "--opset")
+        raise GraphcError(None, f"opset {opset} is not supported; use {MIN_OPSET + 1}..{MAX_OPSET}", "--opset")
     if opset == OPSET:
         return model
     from onnx import version_converter
@@ -105,7 +105,7 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         reason = reason.split("Assertion `false` failed: ")[-1].replace("$", "")
-        raise GraphcError(str(opset), f"cannot express graphc's opset-{OPSET} graph at opset {opset} ({reason}); "
+        raise GraphcError(None, f"cannot express graphc's opset-{OPSET} graph at opset {opset} ({reason}); "
                           f"graphc's ops need opset 18 or newer", "--opset") from None
     return converted
 
