@@ -739,7 +739,8 @@ class GradContext:
     def attr(node: onnx.NodeProto, name: str, default=None):
         for a in node.attribute:
             if a.name == name:
-                return helper.get_attribute_value(a)
+                value = helper.get_attribute_value(a)
+                return value.decode() if isinstance(value, bytes) else value
         return default
 
     def same_shape(self, a: str, b: str) -> bool:
@@ -1088,6 +1089,7 @@ def differentiate(model: onnx.ModelProto, loss: str, wrt: Sequence[str], keep_ou
     inits_by_name = {t.name: t for t in graph.initializer}
     backward_out = {o: n for n in b.nodes[n_forward:] for o in n.output}
     output_names = {o.name for o in outputs}
+    renamed: dict[str, str] = {}
     for w in wrt:
         name = grad_name(w)
         g = ctx.grad_of(w) if w in needed else None
@@ -1096,11 +1098,14 @@ def differentiate(model: onnx.ModelProto, loss: str, wrt: Sequence[str], keep_ou
             value = helper.make_tensor("value", shapes.dtype[w], [1], [0])
             b.ConstantOfShape(ctx.shape_tensor(w), value=value, outputs=[name], name=f"{name}.zeros")
         else:
+            g = renamed.get(g, g)
             producer = backward_out.get(g)
             consumed = any(g in n.input for n in b.nodes)
             if producer is not None and not consumed and g not in output_names:
+                # the last backward node writes the output directly (no copy)
                 producer.output[list(producer.output).index(g)] = name
                 del backward_out[g]
+                renamed[g] = name
             else:
                 b.Identity(g, outputs=[name], name=name)
         output_names.add(name)
@@ -1195,4 +1200,9 @@ def _assemble(m: onnx.ModelProto, b: GraphBuilder, outputs: list[onnx.ValueInfoP
     out.graph.CopyFrom(new_graph)
     if not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("", OPSET))
-    return infer(out)
+    try:
+        return infer(out)
+    except onnx.shape_inference.InferenceError:
+        # ONNX's data propagation can trip over small 1-D float tensors it mistakes for
+        # shapes; plain strict inference (what the full checker runs) is what matters.
+        return onnx.shape_inference.infer_shapes(out, strict_mode=True)
