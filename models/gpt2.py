@@ -153,9 +153,16 @@ def embed(b: GraphBuilder, tokens: str, positions_from: str | None, cfg: GPT2Con
 
 
 def lm_head(b: GraphBuilder, x: str, cfg: GPT2Config) -> str:
-    """Tied LM head over the real vocabulary: [N, C] -> logits [N, V]."""
-    wte_real = b.Slice("wte", b.i64(0), b.i64(cfg.vocab_size), b.i64(0), name="wte_real")  # [V, C]
-    return b.Gemm(x, wte_real, transB=1, name="lm_head")                         # [N, V]
+    """Tied LM head over the real vocabulary: [N, C] -> logits [N, V].
+
+    Like llm.c, multiply by the whole padded ``wte`` and keep the first V logits. Slicing
+    ``wte[:V]`` instead would copy the whole table (154 MB at d12) on every call, and its
+    gradient would be padded back to [Vp, C]; the padded logits are a 0.1% extra GEMM.
+    """
+    if cfg.padded_vocab_size == cfg.vocab_size:
+        return b.Gemm(x, "wte", transB=1, name="lm_head")                        # [N, V]
+    padded = b.Gemm(x, "wte", transB=1, name="lm_head_padded")                   # [N, Vp]
+    return b.Slice(padded, b.i64(0), b.i64(cfg.vocab_size), b.i64(1), name="lm_head")  # [N, V]
 
 
 def cross_entropy(b: GraphBuilder, logits2d: str, targets: str) -> str:

@@ -94,19 +94,9 @@ def _embed_positions(b: GraphBuilder, tokens: str, positions: str, cfg: GPT2Conf
 
 
 def _final_logits(b: GraphBuilder, x: str, cfg: GPT2Config, shape: str) -> str:
-    """Final layer norm and the tied LM head, [N, C] -> logits reshaped to ``shape``.
-
-    Unlike :func:`graphc.models.gpt2.lm_head` this multiplies by the whole padded ``wte``
-    and slices the *logits* to the real vocabulary: slicing ``wte[:V]`` copies the whole
-    embedding table (154 MB at d12) on every call when the weights are graph inputs, which
-    dominated a decode step; the logits of one token are tiny.
-    """
+    """Final layer norm and the tied LM head, [N, C] -> logits reshaped to ``shape``."""
     xf = layernorm(b, x, "lnf.w", "lnf.b", cfg.ln_eps)                          # [N, C]
-    if cfg.padded_vocab_size == cfg.vocab_size:
-        logits = lm_head(b, xf, cfg)
-    else:
-        padded = b.Gemm(xf, "wte", transB=1, name="lm_head_padded")             # [N, Vp]
-        logits = b.Slice(padded, b.i64(0), b.i64(cfg.vocab_size), b.i64(1), name="lm_head")  # [N, V]
+    logits = lm_head(b, xf, cfg)                                                # [N, V]
     return b.Reshape(logits, shape, name="logits_shaped")
 
 

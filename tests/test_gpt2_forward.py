@@ -25,7 +25,7 @@ def run_both(cfg, B, T, seed=0):
     prepared.bind(params.feeds())
     out = prepared.run({"tokens": tokens, "targets": targets})
     ref_logits, ref_loss = TorchGPT2(params)(torch.from_numpy(tokens), torch.from_numpy(targets))
-    return out, ref_logits.detach().numpy(), float(ref_loss)
+    return out, ref_logits.detach().numpy(), float(ref_loss.detach())
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 7), (3, 64)])
