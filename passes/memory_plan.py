@@ -37,11 +37,68 @@ import onnx
 import onnx.numpy_helper
 from onnx import helper
 
+from graphc.passes.fusions.pattern import constant_node_value
+
 INPLACE_OPS = {
     "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Relu", "Tanh", "Sigmoid", "Exp", "Log", "Sqrt", "Reciprocal",
     "Erf", "Pow", "Gelu", "Clip", "Where", "Max", "Min", "LeakyRelu", "Softmax", "LogSoftmax", "Identity",
 }
 VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
+SCATTER_OPS = {"ScatterND", "ScatterElements", "TensorScatter"}
+# graphc's fused backward ops whose first output may overwrite one input (row-local:
+# each row of the input is read completely before that row of the output is written,
+# as llm.c's kernels do): dlogits over the logits, dX over dY.
+FUSED_INPLACE = {
+    ("graphc", "CrossEntropyGrad"): 1,
+    ("graphc", "GeluGrad"): 0,
+    ("graphc", "LayerNormGrad"): 0,
+}
+
+
+def _alias_kind(n: onnx.NodeProto, x: str, sizes: Mapping[str, int], consts: dict) -> str | None:
+    """How output 0 of ``n`` may share the buffer of its input ``x``:
+
+    * ``"view"``: a reshaping op, same bytes, nothing written;
+    * ``"inplace"``: the op may write its output over ``x`` (same size): an elementwise op,
+      a scatter into its data input, or a Pad that only appends rows (``x`` is then the
+      prefix of the output's buffer; the op zero-fills the tail);
+    * None otherwise.
+    """
+    if not n.output or not n.output[0]:
+        return None
+    o = n.output[0]
+    same = sizes.get(o) is not None and sizes.get(x) == sizes.get(o)
+    if n.domain:
+        k = FUSED_INPLACE.get((n.domain, n.op_type))
+        return "inplace" if k is not None and k < len(n.input) and n.input[k] == x and same else None
+    if n.op_type in VIEW_OPS and x == n.input[0] and same:
+        return "view"
+    if n.op_type in INPLACE_OPS and same:
+        return "inplace"
+    if n.op_type in SCATTER_OPS and x == n.input[0] and same:
+        return "inplace"
+    if n.op_type == "Pad" and x == n.input[0] and _tail_pad(n, consts):
+        return "inplace"
+    return None
+
+
+def _tail_pad(n: onnx.NodeProto, consts: dict) -> bool:
+    """A constant Pad adding rows at the end of axis 0 only."""
+    mode = next((a.s for a in n.attribute if a.name == "mode"), b"constant")
+    pads = consts.get(n.input[1]) if len(n.input) > 1 else None
+    if mode != b"constant" or pads is None:
+        return False
+    pads = [int(v) for v in pads.reshape(-1)]
+    axes = consts.get(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+    if axes is not None:
+        axes = [int(v) for v in axes.reshape(-1)]
+        if axes not in ([0],):
+            return False
+    r = len(pads) // 2
+    begins, ends = pads[:r], pads[r:]
+    return all(v == 0 for v in begins) and all(v == 0 for v in ends[1:]) and ends[0] >= 0
 
 
 def _leading_slice(graph: onnx.GraphProto, n: onnx.NodeProto, consts: dict) -> bool:
@@ -122,7 +179,6 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
     outputs = {v.name for v in graph.output}
     external = graph_inputs | inits | outputs
 
-    step_of = {i: s for s, i in enumerate(order)}
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for s, i in enumerate(order):
@@ -139,6 +195,11 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
     # a row-block Slice of an input (the tied LM head's wte[:V]) is a view of memory the
     # runtime owns: outside the arena
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name not in graph_inputs}
+    for n in nodes:
+        if n.op_type == "Constant" and not n.domain and len(n.attribute) == 1:
+            value = constant_node_value(n)
+            if value is not None:
+                consts[n.output[0]] = value
     external_views = []
     for s, i in enumerate(order):
         n = nodes[i]
@@ -146,20 +207,38 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
                 and _leading_slice(graph, n, consts):
             external_views.append((i, n.op_type, n.output[0], n.input[0]))
             external = external | {n.output[0]}
-    # a value read only by a view that is a graph output is written straight into the
-    # output's buffer (the LM head's logits before their final Reshape)
+    # a value read only by an op that may write its output over it (a view, an in-place
+    # elementwise op, a scatter, a tail Pad) whose output lives outside the arena is
+    # written straight into that output's buffer: the logits before their final Reshape,
+    # the tied wte gradient (LM-head Gemm -> Pad -> ScatterND of the embedding rows)
     readers: dict[str, int] = {}
     for n in nodes:
         for v in n.input:
             if v:
                 readers[v] = readers.get(v, 0) + 1
+    # first, outputs updated in place over a graph input that dies there (optimizer
+    # updates p' = p - lr * u): their buffer is the input's, so nothing else goes there
+    ext_pairs = []
+    for s, i in enumerate(order):
+        n = nodes[i]
+        if not inplace or not n.output or n.output[0] not in outputs:
+            continue
+        for x in n.input:
+            if (x in graph_inputs and last.get(x) == s and x not in outputs
+                    and _alias_kind(n, x, sizes, consts) == "inplace"):
+                ext_pairs.append((i, n.op_type, n.output[0], x))
+                break
+    taken_outputs = {o for _, _, o, _ in ext_pairs}
     for s in range(len(order) - 1, -1, -1):
         n = nodes[order[s]]
-        if (inplace and n.op_type in VIEW_OPS and not n.domain and n.output[0] in external and n.input
-                and n.input[0] in first and n.input[0] not in external and readers.get(n.input[0]) == 1
-                and sizes.get(n.input[0]) == sizes.get(n.output[0])):
-            external_views.append((order[s], n.op_type, n.output[0], n.input[0]))
-            external = external | {n.input[0]}
+        if not inplace or not n.output or n.output[0] not in external or n.output[0] in taken_outputs:
+            continue
+        for x in n.input:
+            if (x and x in first and x not in external and readers.get(x) == 1
+                    and _alias_kind(n, x, sizes, consts) is not None):
+                external_views.append((order[s], n.op_type, n.output[0], x))
+                external = external | {x}
+                break
     arena = [v for v in first if v not in external]
     missing = [v for v in arena if v not in sizes]
     if missing:
@@ -180,30 +259,25 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
             members[r].append(v)
         group_last[r] = max(group_last[r], group_last.pop(ro))
 
-    inplace_pairs, view_pairs, ext_pairs = [], list(external_views), []
+    inplace_pairs, view_pairs = [], list(external_views)
     for s, i in enumerate(order):
         n = nodes[i]
-        if not inplace or n.domain or not n.output or not n.output[0]:
+        if not inplace or not n.output or not n.output[0]:
             continue
         o = n.output[0]
-        size = sizes.get(o)
         for x in n.input:
-            if not x or size is None or sizes.get(x) != size:
-                continue
-            if n.op_type in VIEW_OPS and x == n.input[0] and x in owner and o in owner:
+            kind = _alias_kind(n, x, sizes, consts) if x else None
+            if kind == "view" and x in owner and o in owner:
                 view_pairs.append((i, n.op_type, o, x))       # no write: x need not die
                 join(o, x)
                 break
-            if n.op_type not in INPLACE_OPS or last.get(x) != s:
+            if kind != "inplace" or last.get(x) != s:
                 continue
             if x in owner and o in owner:
                 if group_last[owner[x]] > s:                   # a view of x lives on
                     continue
                 inplace_pairs.append((i, n.op_type, o, x))
                 join(o, x)
-                break
-            if x in graph_inputs and o in outputs:            # e.g. p' = p - lr * update
-                ext_pairs.append((i, n.op_type, o, x))
                 break
 
     def root(v: str) -> str:
@@ -235,6 +309,9 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
         placed.append((offset, size, s0, s1))
     peak = max((o + s for o, s, _, _ in placed), default=0)
 
+    # naive: every value a node writes (except graph outputs) in its own allocation
+    naive = int(sum(sizes[v] for v in first if v not in outputs and v in sizes))
+
     def nbytes(names) -> int:
         return int(sum(sizes.get(v, 0) for v in names))
 
@@ -242,7 +319,7 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
         order=order, sizes=vsize, intervals=intervals, buffer_of={v: root(v) for v in arena},
         offsets=offsets, buffer_sizes=buf_size, buffer_intervals=buf_iv,
         inplace=inplace_pairs, views=view_pairs, external_inplace=ext_pairs,
-        peak_bytes=peak, naive_bytes=sum(vsize.values()),
+        peak_bytes=peak, naive_bytes=naive,
         input_bytes=nbytes(graph_inputs - inits), initializer_bytes=nbytes(inits),
         output_bytes=nbytes(outputs - graph_inputs), alignment=alignment)
 

@@ -63,6 +63,7 @@ class Differentiate:
         self.stats: dict[str, int] = {}
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+        import graphc.passes.autodiff.rules_fused  # noqa: F401 - fused VJPs (registered after the primitive ones)
         from graphc.passes.autodiff import differentiate
         from graphc.passes.fusions.ops import ensure_functions
 

@@ -51,11 +51,19 @@ def test_chain_needs_two_buffers():
 
 
 def test_elementwise_chain_runs_in_place():
-    g = graph([("Relu", ["x"], ["a"]), ("Tanh", ["a"], ["b"]), ("Exp", ["b"], ["c"]), ("Neg", ["c"], ["out"])])
+    g = graph([("Relu", ["x"], ["a"]), ("Tanh", ["a"], ["b"]), ("Exp", ["b"], ["c"]), ("MatMul", ["c", "c"], ["out"])])
     p = plan(g, None, sizes_for(g))
     assert p.peak_bytes == MB and p.num_buffers == 1
     assert [(op, o, i) for _, op, o, i in p.inplace] == [("Tanh", "b", "a"), ("Exp", "c", "b")]
     assert plan(g, None, sizes_for(g), inplace=False).peak_bytes == 2 * MB
+
+
+def test_values_feeding_an_output_in_place_live_in_the_output_buffer():
+    # ... -> c -> Neg -> out: c (and, through the chain, a and b) are computed in out's buffer
+    g = graph([("Relu", ["x"], ["a"]), ("Tanh", ["a"], ["b"]), ("Exp", ["b"], ["c"]), ("Neg", ["c"], ["out"])])
+    p = plan(g, None, sizes_for(g))
+    assert p.peak_bytes == 0 and p.naive_bytes == 3 * MB
+    assert {(o, i) for _, _, o, i in p.views} == {("out", "c"), ("c", "b"), ("b", "a")}
 
 
 DIAMOND = [("MatMul", ["x", "x"], ["a"]), ("MatMul", ["a", "a"], ["b"]), ("Relu", ["a"], ["c"]),
@@ -94,17 +102,18 @@ def test_parameter_update_in_place_is_external():
         [helper.make_tensor_value_info("p_new", F, [4])])
     p = plan(g, None, sizes_for(g))
     assert [(o, i) for _, _, o, i in p.external_inplace] == [("p_new", "p")]
-    assert p.peak_bytes == MB                      # only `step` is in the arena
+    assert p.peak_bytes == MB                      # only `step` is in the arena (p_new is p's buffer)
 
 
 def test_views_share_the_buffer_and_keep_it_alive():
     g = graph([("MatMul", ["x", "x"], ["a"]), ("Reshape", ["a", "s"], ["r"]), ("MatMul", ["r", "r"], ["b"]),
-               ("Add", ["a", "b"], ["out"])], inputs=("x", "s"))
+               ("Add", ["a", "b"], ["c"]), ("MatMul", ["c", "a"], ["out"])], inputs=("x", "s"))
     sz = sizes_for(g)
     sz["s"] = 8
     p = plan(g, None, sz)
     assert p.buffer_of["r"] == p.buffer_of["a"]
-    assert p.buffer_intervals[p.buffer_of["a"]] == (0, 3)
+    assert p.buffer_intervals[p.buffer_of["a"]] == (0, 4)
+    assert ("c", "b") in {(o, i) for _, _, o, i in p.inplace}
     assert p.peak_bytes == 2 * MB
     no_overlap(p)
 
@@ -119,6 +128,20 @@ def test_best_fit_reuses_the_smallest_gap():
     p = plan(g, None, sz, inplace=False)
     no_overlap(p)
     assert p.peak_bytes <= 7 * MB
+
+
+def test_tail_pad_and_scatter_write_into_the_output():
+    # the tied-embedding gradient: dW_real = Gemm -> Pad rows to Vp -> ScatterND -> grad
+    b_nodes = [helper.make_node("MatMul", ["x", "x"], ["dw"]),
+               helper.make_node("Pad", ["dw", "pads"], ["padded"]),
+               helper.make_node("ScatterND", ["padded", "idx", "upd"], ["grad"])]
+    g = helper.make_graph(b_nodes, "g", [helper.make_tensor_value_info(n, F, [4]) for n in ("x", "idx", "upd")],
+                          [helper.make_tensor_value_info("grad", F, [4])],
+                          [helper.make_tensor("pads", TensorProto.INT64, [4], [0, 0, 2, 0])])
+    sz = {"x": MB, "idx": 8, "upd": MB, "dw": 3 * MB, "padded": 4 * MB, "grad": 4 * MB, "pads": 32}
+    p = plan(g, None, sz)
+    assert p.peak_bytes == 0 and p.naive_bytes == 7 * MB
+    assert {(o, i) for _, _, o, i in p.views} == {("grad", "padded"), ("padded", "dw")}
 
 
 def test_order_must_be_topological():
@@ -149,5 +172,7 @@ def test_value_sizes_resolve_symbolic_dims():
 def test_forward_d12_peak_far_below_naive():
     m = build_forward(named_config("d12"), loss=True, logits=False)
     p = plan_model(m, {"B": 4, "T": 64})
-    # a forward pass needs only a couple of layers' activations at a time
-    assert p.peak_bytes < p.naive_bytes / 10
+    # a forward pass needs only a couple of layers' activations at a time; the peak is the
+    # LM head: padded logits [B*T, Vp] and their column slice [B*T, V] (2 x 51 MB)
+    assert p.peak_bytes < p.naive_bytes / 5
+    assert p.peak_bytes <= 2 * 4 * 64 * 50304 * 4 + (1 << 20)

@@ -44,9 +44,23 @@ def _unsupported(node: onnx.NodeProto, why: str) -> NotImplementedError:
     return NotImplementedError(f"no gradient for {node.op_type} node {node.name!r} ({why})")
 
 
-def _fused(ctx, op_type: str, inputs: list[str], outputs: int, **attrs):
+def _fused(ctx, op_type: str, inputs: list[str], like: list[str], **attrs):
+    """Emit ``graphc.<op_type>``; output k has the dtype and shape of value ``like[k]``.
+
+    The driver's symbolic shape propagation does not look inside local functions, so the
+    rule states the (exact) output types: every fused backward op returns gradients
+    shaped like the forward inputs they belong to.
+    """
     ctx.b.add_function(function(op_type))
-    return ctx.b.op(op_type, *inputs, domain=GRAPHC_DOMAIN, outputs=outputs, name=op_type, **attrs)
+    outs = ctx.b.op(op_type, *inputs, domain=GRAPHC_DOMAIN, outputs=len(like), name=op_type, **attrs)
+    outs = [outs] if isinstance(outs, str) else list(outs)
+    shapes = getattr(ctx, "shapes", None)
+    if shapes is not None:
+        for o, ref in zip(outs, like):
+            dims, dt = ctx.shape(ref), ctx.dtype(ref)     # syncs the new node first
+            shapes.shape[o] = list(dims) if dims is not None else None
+            shapes.dtype[o] = dt
+    return outs[0] if len(outs) == 1 else outs
 
 
 def _static_last_dim(ctx, value: str):
@@ -81,7 +95,7 @@ def attention_vjp(ctx, node, grads):
         if d is None:
             raise _unsupported(node, "no scale attribute and the head size is not static")
         scale = 1.0 / math.sqrt(d)
-    dq, dk, dv = _fused(ctx, "AttentionGrad", [dy, q, k, v, node.output[0]], 3,
+    dq, dk, dv = _fused(ctx, "AttentionGrad", [dy, q, k, v, node.output[0]], [q, k, v],
                         scale=float(scale), is_causal=int(_attr(node, "is_causal", 0)))
     return [dq, dk, dv]
 
@@ -100,7 +114,7 @@ def layernorm_vjp(ctx, node, grads):
     if dy is None:
         return [None] * len(node.input)
     x, w = node.input[:2]
-    dx, dw, db = _fused(ctx, "LayerNormGrad", [dy, x, w], 3, epsilon=float(_attr(node, "epsilon", 1e-5)))
+    dx, dw, db = _fused(ctx, "LayerNormGrad", [dy, x, w], [x, w, w], epsilon=float(_attr(node, "epsilon", 1e-5)))
     has_bias = len(node.input) > 2 and bool(node.input[2])
     return [dx, dw, db] if has_bias else [dx, dw] + [None] * (len(node.input) - 2)
 
@@ -114,7 +128,7 @@ def gelu_vjp(ctx, node, grads):
     approx = _attr(node, "approximate", b"none")
     approx = approx.decode() if isinstance(approx, bytes) else approx
     if approx == "tanh":
-        return [_fused(ctx, "GeluGrad", [dy, x], 1)]
+        return [_fused(ctx, "GeluGrad", [dy, x], [x])]
     # exact GELU: d/dx [x Phi(x)] = Phi(x) + x phi(x)
     b = ctx.b
     cdf = b.Mul(b.Add(b.Erf(b.Mul(x, b.scalar(1 / math.sqrt(2.0)))), b.scalar(1.0)), b.scalar(0.5))
@@ -128,4 +142,4 @@ def cross_entropy_vjp(ctx, node, grads):
     if dloss is None:
         return [None, None]
     z, t = node.input
-    return [_fused(ctx, "CrossEntropyGrad", [dloss, z, t], 1), None]
+    return [_fused(ctx, "CrossEntropyGrad", [dloss, z, t], [z]), None]
