@@ -1134,12 +1134,16 @@ def _check_grad_shape(ctx: GradContext, node, inp: str, g: str) -> None:
                            f"{helper.tensor_dtype_to_np_dtype(ctx.dtype(g))} gradient for {inp!r}")
 
 
+def _dtype_name(dt: int) -> str:
+    return TensorProto.DataType.Name(dt) if dt else "of unknown type"
+
+
 def _check_loss(shapes: Shapes, loss: str, values: set[str]) -> None:
     if loss not in values:
         raise GraphcError(None, f"{loss!r} is not a value of the graph", "loss")
     dt = shapes.dtype.get(loss, TensorProto.UNDEFINED)
     if dt not in FLOAT_TYPES:
-        raise GraphcError(None, f"{loss!r} is {helper.tensor_dtype_to_string(dt)}, expected a floating-point scalar",
+        raise GraphcError(None, f"{loss!r} is {_dtype_name(dt)}, expected a floating-point scalar",
                           "loss")
     s = shapes.shape.get(loss)
     if s is not None and (any(isinstance(d, int) and d != 1 for d in s)):
@@ -1157,7 +1161,7 @@ def _check_wrt(shapes: Shapes, wrt: list[str], leaves: set[str], values: set[str
             raise GraphcError(None, f"{w!r} is {what}; expected a graph input or initializer", "wrt")
         dt = shapes.dtype.get(w, TensorProto.UNDEFINED)
         if dt not in FLOAT_TYPES:
-            raise GraphcError(None, f"{w!r} is {helper.tensor_dtype_to_string(dt)}, not floating point", "wrt")
+            raise GraphcError(None, f"{w!r} is {_dtype_name(dt)}, not floating point", "wrt")
         if grad_name(w) in values:
             raise GraphcError(None, f"the graph already has a value named {grad_name(w)!r}", "wrt")
 
