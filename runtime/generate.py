@@ -69,8 +69,9 @@ class Generator:
     """Generate continuations of token-id prompts with one model on one backend."""
 
     def __init__(self, params: Params, *, kv_cache: bool = True, backend: str = "onnxruntime",
-                 eot: int | None = EOT):
+                 eot: int | None = EOT, opt: bool = True):
         self.params = params
+        self.opt = opt
         self.cfg = params.cfg
         self.kv_cache = kv_cache
         self.backend = get_backend(backend)()
@@ -82,6 +83,10 @@ class Generator:
             model = {"prefill": lambda: build_prefill(self.cfg),
                      "decode": lambda: build_decode(self.cfg),
                      "forward": lambda: build_forward(self.cfg, loss=False, logits=True)}[kind]()
+            if self.opt:
+                from graphc.runtime.programs import optimize
+
+                model = optimize(model, "infer")
             prepared = self.backend.prepare(model)
             prepared.bind(self.params.feeds())
             self._programs[kind] = prepared
@@ -158,7 +163,18 @@ class Generator:
 
 def generate(params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = 0,
-             kv_cache: bool = True, backend: str = "onnxruntime", eot: int | None = EOT) -> list[list[int]]:
+             kv_cache: bool = True, backend: str = "onnxruntime", eot: int | None = EOT, opt: bool = True,
+             ) -> list[list[int]]:
     """One-call generation: ``generate(params, [[464, 3290]], 20)`` -> ``[[...20 ids...]]``."""
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    return Generator(params, kv_cache=kv_cache, backend=backend, eot=eot).generate(prompts, max_new_tokens, sampler)
+    return Generator(params, kv_cache=kv_cache, backend=backend, eot=eot, opt=opt).generate(
+        prompts, max_new_tokens, sampler)
+
+
+def sample_text(params: Params, max_new_tokens: int = 64, *, seed: int = 0, backend: str = "onnxruntime",
+                opt: bool = True) -> str:
+    """A sample from ``<|endoftext|>``, sampled from the full distribution (as llm.c's trainer)."""
+    from graphc.data.tokenizer import Tokenizer
+
+    ids = generate(params, [[EOT]], max_new_tokens, temperature=1.0, seed=seed, backend=backend, opt=opt)[0]
+    return Tokenizer().decode([t for t in ids if t != EOT])

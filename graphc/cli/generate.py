@@ -16,8 +16,7 @@ import argparse
 import re
 import sys
 
-from graphc.backends import REGISTRY
-from graphc.cli.common import add_model_args
+from graphc.cli.common import add_backend_args, add_model_args
 from graphc.errors import GraphcError
 
 HELP = "generate text (or token ids) from a prompt with a GPT-2 model, with a KV cache by default"
@@ -55,8 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute the whole sequence at every step (the slow reference)")
     p.add_argument("--print-ids", action="store_true",
                    help="print the generated token ids (one line per prompt) instead of text")
-    p.add_argument("--backend", default="onnxruntime", choices=sorted(REGISTRY),
-                   help="execution backend (default %(default)s)")
+    add_backend_args(p)
     p.add_argument("--tokenizer-dir", metavar="DIR",
                    help="directory with OpenAI's vocab.bpe and encoder.json (default: $GRAPHC_TOKENIZER_DIR, "
                         "else tiktoken's gpt2 from TIKTOKEN_CACHE_DIR)")
@@ -93,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                    for i, text in enumerate(args.prompt_ids)]
     params = load_model(args.model, args.seed)
     check_prompts(prompts, args.max_new_tokens, params.cfg, "--prompt" if args.prompt is not None else "--prompt-ids")  # fail before building any graph
-    generator = Generator(params, kv_cache=not args.no_kv_cache, backend=args.backend)
+    generator = Generator(params, kv_cache=not args.no_kv_cache, backend=args.backend, opt=not args.no_opt)
     outputs = generator.generate(prompts, args.max_new_tokens, sampler)
 
     if args.print_ids:
