@@ -13,7 +13,8 @@ pipeline, after the forward fusions: the VJP rules of the fused ops
 (``passes/autodiff/rules_fused.py``) then emit the fused backward ops directly, which is
 simpler and more robust than recognising the backward of every primitive afterwards.
 ``train_graph`` is for a graph that is already differentiated (its outputs include
-``grad.*``): it runs the same fusions over forward and backward patterns alike.
+``grad.*``): ``fuse_backward`` proves its gradients are the plain autodiff of its forward
+part and re-derives them from the fused forward (see ``passes/fusions/backward.py``).
 
 :func:`optimize` is the entry point the runner and ``graphc compile`` call.
 """
@@ -32,6 +33,7 @@ from graphc.passes.cse import CommonSubexpressionElimination
 from graphc.passes.dce import DeadCodeElimination
 from graphc.passes.fold_transpose import FoldTranspose
 from graphc.passes.fusions.attention import fuse_attention
+from graphc.passes.fusions.backward import FuseBackward
 from graphc.passes.fusions.cross_entropy import fuse_cross_entropy
 from graphc.passes.fusions.gelu import fuse_gelu
 from graphc.passes.fusions.layernorm import fuse_layernorm
@@ -79,15 +81,6 @@ def float_inputs(model: onnx.ModelProto) -> list[str]:
     return [v.name for v in model.graph.input if v.type.tensor_type.elem_type in FLOAT_TYPES]
 
 
-def _backward_fusions() -> list[str]:
-    """Backward-pattern fusions (graphs differentiated before fusion), when available."""
-    try:
-        from graphc.passes.fusions import backward  # noqa: F401
-    except ImportError:
-        return []
-    return list(backward.PASS_NAMES)
-
-
 PASSES: dict[str, Callable[[Options], Pass]] = {
     "shape_inference": lambda o: ShapeInference(),
     "remove_identity": lambda o: RemoveIdentity(),
@@ -100,6 +93,7 @@ PASSES: dict[str, Callable[[Options], Pass]] = {
     "fuse_attention": lambda o: fuse_attention(),
     "fuse_cross_entropy": lambda o: fuse_cross_entropy(),
     "autodiff": lambda o: Differentiate(o.loss, o.wrt),
+    "fuse_backward": lambda o: FuseBackward(o.loss),
 }
 
 CLEANUP = ["remove_identity", "constant_fold", "cse", "dce"]
@@ -109,10 +103,10 @@ PIPELINES: dict[str, list[str]] = {
     # forward graphs (logits and/or loss): clean, fuse, clean again
     "infer": ["shape_inference", *CLEANUP, *FORWARD_FUSIONS, "fold_transpose", "cse", "dce"],
     # forward graph with a loss -> fuse -> differentiate (fused VJPs) -> clean the backward
-    "train": ["shape_inference", *CLEANUP, *FORWARD_FUSIONS, "dce", "autodiff",
-              "@backward", "fold_transpose", *CLEANUP],
-    # an already differentiated graph: fuse forward and backward patterns in place
-    "train_graph": ["shape_inference", *CLEANUP, "@backward", *FORWARD_FUSIONS, "fold_transpose", *CLEANUP],
+    "train": ["shape_inference", *CLEANUP, *FORWARD_FUSIONS, "dce", "autodiff", "fold_transpose", *CLEANUP],
+    # an already differentiated graph: re-derive a fused backward (fusions/backward.py),
+    # then whatever forward-only patterns are left (an extra logits output, say)
+    "train_graph": ["shape_inference", "fuse_backward", *CLEANUP, *FORWARD_FUSIONS, "fold_transpose", *CLEANUP],
 }
 # TensorRT wants exactly the standard ops the infer pipeline emits; the CUDA backend too.
 PIPELINES["infer:tensorrt"] = PIPELINES["infer"]
@@ -121,10 +115,7 @@ PIPELINES["infer:tensorrt"] = PIPELINES["infer"]
 def pipeline_for(mode: str, backend: str | None = None) -> tuple[str, list[str]]:
     for key in ([f"{mode}:{backend}"] if backend else []) + [mode]:
         if key in PIPELINES:
-            names = []
-            for n in PIPELINES[key]:
-                names += _backward_fusions() if n == "@backward" else [n]
-            return key, names
+            return key, list(PIPELINES[key])
     raise KeyError(f"no pipeline for mode {mode!r} (known: {', '.join(sorted(PIPELINES))})")
 
 

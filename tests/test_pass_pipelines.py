@@ -94,7 +94,7 @@ def test_registry():
     assert pipeline_for("infer", "cuda")[0] == "infer"
     assert pipeline_for("train")[0] == "train"
     for names in PIPELINES.values():
-        assert all(n in PASSES or n.startswith("@") for n in names)
+        assert all(n in PASSES for n in names)
     with pytest.raises(KeyError, match="no pipeline"):
         pipeline_for("nope")
 
