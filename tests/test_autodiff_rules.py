@@ -328,6 +328,20 @@ def test_cross_entropy_chain():
         return b.Neg(b.ReduceMean(picked, keepdims=0))
     case = make_case(fn, {"z": rnd(6, 5), "t": np.array([0, 4, 4, 1, 0, 0], np.int64)}, cotangents=[np.array(1.0)])
     check_fd(case)
+    # the sparse path: one scatter into -softmax * sum(g), no zeros and no full-size reduction
+    ops = [n.op_type for n in backward_nodes(case.train)]
+    assert ops.count("ScatterElements") == 1 and "ConstantOfShape" not in ops and "Sub" not in ops
+
+
+def test_gather_elements_gradient_summed_with_dense_one():
+    def fn(b, v):
+        logp = b.LogSoftmax(v["z"], axis=1)
+        picked = b.GatherElements(logp, v["t"], axis=1)                  # sparse gradient into logp
+        return [picked, b.Mul(logp, logp)]                              # plus a dense one
+    case = make_case(fn, {"z": rnd(4, 5), "t": np.array([[0, 0], [4, 1], [2, 2], [3, 0]], np.int64)})
+    check_fd(case)
+    ops = [n.op_type for n in backward_nodes(case.train)]
+    assert "ConstantOfShape" not in ops        # the scatter adds into the dense gradient instead of zeros
 
 
 # ----------------------------------------------------------------------------- layer norm

@@ -684,6 +684,8 @@ class GradContext:
         self.grads: dict[str, str | None] = {}
         self.lazy: dict[str, str] = {}             # Expand output -> unexpanded source
         self.scatter_into_zeros: dict[str, onnx.NodeProto] = {}  # scatter-add output -> its node
+        # ScatterElements-add into zeros: output -> (indices, updates, axis), a sparse gradient
+        self.sparse: dict[str, tuple[str, str, int]] = {}
         self.node: onnx.NodeProto | None = None    # the forward node whose rule is running
 
     # ------------------------------------------------------------------ queries
@@ -832,6 +834,20 @@ class GradContext:
         self.scatter_into_zeros[out] = self.b.nodes[-1]
         return out
 
+    def scatter_elements_add(self, like: str, indices: str, updates: str, axis: int) -> str:
+        """``ScatterElements(zeros_like(like), indices, updates, axis, reduction="add")``.
+
+        Like :meth:`scatter_add`, and remembered as a *sparse* gradient: a consumer's rule
+        may use ``ctx.sparse[out] == (indices, updates, axis)`` instead of the dense tensor
+        (LogSoftmax does, which makes the cross-entropy gradient one scatter into
+        ``-softmax * sum(g)`` with no zeros, no full-size reduction and no subtraction).
+        """
+        out = self.b.ScatterElements(self.zeros(like), indices, updates, axis=axis, reduction="add",
+                                     name="scatter_add")
+        self.scatter_into_zeros[out] = self.b.nodes[-1]
+        self.sparse[out] = (indices, updates, axis)
+        return out
+
     def sum(self, values: Sequence[str]) -> str:
         values = list(values)
         return values[0] if len(values) == 1 else self.b.Sum(*values)
@@ -920,6 +936,7 @@ class GradContext:
             base = self.sum(others)
             for sc in scatters:
                 node = self.scatter_into_zeros.pop(sc)
+                self.sparse.pop(sc, None)
                 node.input[0] = base
                 self.b.nodes.remove(node)        # move it after the nodes computing base
                 self.b.nodes.append(node)

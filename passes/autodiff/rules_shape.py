@@ -241,6 +241,5 @@ def gather(ctx, node, grads):
 def gather_elements(ctx, node, grads):
     """y[i][j] = x[idx[i][j]][j] (axis 0, likewise others):  dx = ScatterElements-add of g."""
     x, idx = node.input
-    axis = ctx.attr(node, "axis", 0)
-    out = ctx.b.ScatterElements(ctx.zeros(x), idx, grads[0], axis=axis, reduction="add")
-    return [out, None]
+    axis = _norm_axis(ctx, ctx.attr(node, "axis", 0), x)
+    return [ctx.scatter_elements_add(x, idx, grads[0], axis), None]
