@@ -8,7 +8,8 @@ Checks, in order (the first group needs no shape inference):
 2. *no dangling values, topological order*: every node input is a graph input, an
    initializer, or the output of an *earlier* node; every graph output is defined;
 3. *types and shapes*: after ONNX shape inference (strict, with data propagation) every
-   node output has a known element type and a known rank; dims may be symbolic;
+   node output has a known element type, a known rank and every dim either static or
+   symbolic (a ``dim_param``, such as ``B``, ``T`` or inference's ``unk__3``);
 4. ``onnx.checker.check_model(full_check=True)``.
 
 A failure raises :class:`VerificationError` naming the pass after which it happened
@@ -91,7 +92,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def type_problems(model: onnx.ModelProto) -> list[str]:
-    """Every node output has a known dtype and rank after inference."""
+    """Every node output has a known dtype and shape (dims static or symbolic) after inference."""
     g = model.graph
     known = {v.name: v for v in [*g.value_info, *g.output, *g.input]}
     problems = []
@@ -108,6 +109,8 @@ def type_problems(model: onnx.ModelProto) -> list[str]:
                 problems.append(f"unknown dtype of {o!r} ({_node_label(i, n)})")
             if not t.HasField("shape"):
                 problems.append(f"unknown rank of {o!r} ({_node_label(i, n)})")
+            elif any(not d.HasField("dim_value") and not d.HasField("dim_param") for d in t.shape.dim):
+                problems.append(f"unknown dim in the shape of {o!r} ({_node_label(i, n)})")
     return problems
 
 

@@ -1,6 +1,5 @@
 """Memory planning on hand-made graphs with known answers, and on GPT-2."""
 
-import numpy as np
 import pytest
 from onnx import TensorProto, helper
 

@@ -27,8 +27,6 @@ A KV-cache mask (query positions offset by the cache length) fails the first che
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from onnx import TensorProto, helper
 
@@ -183,10 +181,6 @@ class AttentionFusion(Fusion):
         node = helper.make_node("Attention", [v["q"], v["k"], v["v"]], [m.root_node.output[0]],
                                 is_causal=v["causal"], scale=v["scale"])
         return Rewrite([node])
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
 
 
 def fuse_attention() -> FusionPass:

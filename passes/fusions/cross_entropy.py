@@ -29,8 +29,7 @@ class CrossEntropyFusion(Fusion):
         n = idx.nodes[root]
         if n.op_type == "Neg":
             mean = m.take(n.input[0], "ReduceMean", "negated value")
-            picked_neg = mean.input[0]
-            picked = picked_neg
+            picked = mean.input[0]
         else:
             mean = n
             neg = m.take(n.input[0], "Neg", "averaged value")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from onnx import helper
 
 from graphc.passes.fusions.pattern import (
-    Fusion, FusionPass, GraphIndex, Match, NoMatch, Rewrite, attr, commuted, expect, last_axis, one_of,
+    Fusion, FusionPass, GraphIndex, Match, Rewrite, attr, commuted, expect, last_axis, one_of,
     reduce_axes,
 )
 

@@ -420,16 +420,3 @@ def apply_rewrites(model: onnx.ModelProto, idx: GraphIndex, rewrites: list[tuple
     have = {t.name for t in result.graph.initializer}
     result.graph.initializer.extend(t for t in new_inits if t.name not in have)
     return ensure_functions(result)
-
-
-def fresh_name(idx: GraphIndex, hint: str, taken: set[str] | None = None) -> str:
-    """A value name unused in the graph (and in ``taken``)."""
-    used = taken if taken is not None else set()
-    existing = set(idx.producer) | idx.graph_inputs | set(idx.initializers) | set(idx.consumers)
-    k = 0
-    name = hint
-    while name in existing or name in used:
-        k += 1
-        name = f"{hint}_{k}"
-    used.add(name)
-    return name
