@@ -42,6 +42,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise GraphcError(path, f"not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
         raise GraphcError(path, "not an ONNX model (no graph)")
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise GraphcError(path, f"invalid ONNX model: {str(e).strip().splitlines()[0]}") from None
     return model
 
 

@@ -680,6 +680,7 @@ class GradContext:
         self.needed = needed
         self._seen_nodes = len(b.nodes)
         self._seen_inits = len(b.initializers)
+        self.producer: dict[str, onnx.NodeProto] = {o: n for n in b.nodes for o in n.output if o}
         self.contribs: dict[str, list[str]] = {}
         self.grads: dict[str, str | None] = {}
         self.lazy: dict[str, str] = {}             # Expand output -> unexpanded source
@@ -697,7 +698,9 @@ class GradContext:
             self._seen_inits += 1
         nodes = self.b.nodes
         while self._seen_nodes < len(nodes):
-            self.shapes.infer(nodes[self._seen_nodes])
+            node = nodes[self._seen_nodes]
+            self.shapes.infer(node)
+            self.producer.update((o, node) for o in node.output if o)
             self._seen_nodes += 1
 
     def shape(self, v: str) -> list | None:
@@ -801,10 +804,8 @@ class GradContext:
         return self.transpose(x, list(range(r - 2)) + [r - 1, r - 2])
 
     def _producer(self, v: str) -> onnx.NodeProto | None:
-        for n in reversed(self.b.nodes):
-            if v in n.output:
-                return n
-        return None
+        self._sync()
+        return self.producer.get(v)
 
     def broadcast_to(self, g: str, like: str) -> str:
         """``g`` broadcast to the shape of ``like``.
@@ -934,6 +935,7 @@ class GradContext:
         others = [c for c in cs if c not in self.scatter_into_zeros]
         if scatters and others and any(self.same_shape(c, v) for c in others):
             base = self.sum(others)
+            self._sync()   # every node is processed before nodes move in the list
             for sc in scatters:
                 node = self.scatter_into_zeros.pop(sc)
                 self.sparse.pop(sc, None)
@@ -1107,6 +1109,7 @@ def differentiate(model: onnx.ModelProto, loss: str, wrt: Sequence[str], keep_ou
     backward_out = {o: n for n in b.nodes[n_forward:] for o in n.output}
     output_names = {o.name for o in outputs}
     renamed: dict[str, str] = {}
+    consumed_values = {i for n in b.nodes for i in n.input}
     for w in wrt:
         name = grad_name(w)
         g = ctx.grad_of(w) if w in needed else None
@@ -1117,14 +1120,14 @@ def differentiate(model: onnx.ModelProto, loss: str, wrt: Sequence[str], keep_ou
         else:
             g = renamed.get(g, g)
             producer = backward_out.get(g)
-            consumed = any(g in n.input for n in b.nodes)
-            if producer is not None and not consumed and g not in output_names:
+            if producer is not None and g not in consumed_values and g not in output_names:
                 # the last backward node writes the output directly (no copy)
                 producer.output[list(producer.output).index(g)] = name
                 del backward_out[g]
                 renamed[g] = name
             else:
                 b.Identity(g, outputs=[name], name=name)
+                consumed_values.add(g)
         output_names.add(name)
         if w in inputs_by_name:
             vi = onnx.ValueInfoProto()
