@@ -21,3 +21,8 @@ from graphc.passes.autodiff.driver import GradContext, differentiate, grad_name
 from graphc.passes.autodiff.registry import VJP, lookup, vjp
 
 __all__ = ["differentiate", "grad_name", "GradContext", "VJP", "lookup", "vjp"]
+
+# The fused ops' VJP rules (Attention, LayerNormalization, Gelu, graphc.CrossEntropy) emit the
+# fused backward ops (graphc.*Grad local functions, passes/fusions/ops.py). Imported last, so
+# for those op types they take precedence over the primitive decompositions above.
+from graphc.passes.autodiff import rules_fused  # noqa: E402,F401
