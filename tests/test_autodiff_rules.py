@@ -344,6 +344,37 @@ def test_gather_elements_gradient_summed_with_dense_one():
     assert "ConstantOfShape" not in ops        # the scatter adds into the dense gradient instead of zeros
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weights,ignore", [(False, None), (True, None), (False, 2), (True, 0)])
+@pytest.mark.parametrize("op_type", ["SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"])
+def test_classification_losses(op_type, reduction, weights, ignore):
+    labels = np.array([[0, 2, 1], [2, 3, 0]], np.int64)                 # N=2, d1=3 (K-dimensional)
+    inputs = {"x": rnd(2, 4, 3) if op_type == "SoftmaxCrossEntropyLoss" else -rnd(2, 4, 3, low=0.1, high=3.0),
+              "t": labels}
+    names = ["x", "t"]
+    if weights:
+        inputs["w"] = rnd(4, low=0.5, high=2.0, seed=4)
+        names.append("w")
+    case = make_case(op(op_type, *names, reduction=reduction, ignore_index=ignore), inputs,
+                     wrt=["x"])
+    check_fd(case)
+
+
+def test_softmax_cross_entropy_log_prob_output_too():
+    def fn(b, v):
+        loss, logp = b.SoftmaxCrossEntropyLoss(v["x"], v["t"], outputs=2)
+        return [loss, logp]
+    check_fd(make_case(fn, {"x": rnd(3, 5), "t": np.array([4, 0, 4], np.int64)}, wrt=["x"]))
+
+
+def test_nll_after_log_softmax_is_sparse():
+    def fn(b, v):
+        return b.NegativeLogLikelihoodLoss(b.LogSoftmax(v["x"], axis=1), v["t"])
+    case = make_case(fn, {"x": rnd(3, 5), "t": np.array([4, 0, 4], np.int64)})
+    check_fd(case)
+    assert "ConstantOfShape" not in [n.op_type for n in backward_nodes(case.train)]
+
+
 # ----------------------------------------------------------------------------- layer norm
 @pytest.mark.parametrize("shape,axis,bias", [((4, 6), -1, True), ((2, 3, 4), 1, True), ((3, 5), -1, False)])
 def test_layernorm_fd(shape, axis, bias):

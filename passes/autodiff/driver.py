@@ -1224,6 +1224,16 @@ def _assemble(m: onnx.ModelProto, b: GraphBuilder, outputs: list[onnx.ValueInfoP
     out.graph.CopyFrom(new_graph)
     if not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("", OPSET))
+    # local functions a rule added (fused backward ops), and their domains' opsets
+    have = {(f.domain, f.name) for f in out.functions}
+    used = {(n.domain or "", n.op_type) for n in nodes}
+    for key, fn in b.functions.items():
+        if key not in have and key in used:
+            out.functions.append(fn)
+    domains = {o.domain for o in out.opset_import}
+    for domain, version in sorted(b.extra_opsets.items()):
+        if domain not in domains and any(n.domain == domain for n in nodes):
+            out.opset_import.append(helper.make_opsetid(domain, version))
     try:
         return infer(out)
     except onnx.shape_inference.InferenceError:
