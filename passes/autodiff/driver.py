@@ -480,7 +480,7 @@ class Shapes:
                     tot = dim_add(tot, s[a])
                 out = list(S[0])
                 out[a] = tot if tot is not None else self.fresh()
-                outs[0] = self.bcast_like_concat(S, a, out)
+                outs[0] = self._concat_dims(S, a, out)
             if all(v is not None for v in V) and V:
                 vals[0] = [d for v in V for d in v]
         elif op == "Split":
@@ -581,7 +581,7 @@ class Shapes:
                 if len(outs) > 3:
                     outs[3] = [q[0], q[1], q[2], k[2]]
 
-    def bcast_like_concat(self, S, a, out):
+    def _concat_dims(self, S, a, out):
         # the non-concatenated dims of a Concat are equal across inputs; keep the best known
         for s in S:
             for i, d in enumerate(s):

@@ -101,7 +101,9 @@ def pow_(ctx, node, grads):
         c = ctx.const_value(b)
         if c is not None and c.size == 1:
             c = float(c.reshape(()))
-            if c == 1.0:
+            if c == 0.0:
+                da = None                                   # a ** 0 is constant
+            elif c == 1.0:
                 da = g
             elif c == 2.0:
                 da = B.Mul(g, B.Mul(a, ctx.scalar(2.0, a)))
@@ -110,7 +112,7 @@ def pow_(ctx, node, grads):
         else:
             bb = b if ctx.dtype(b) == ctx.dtype(a) else B.Cast(b, to=ctx.dtype(a))
             da = B.Mul(g, B.Mul(bb, B.Pow(a, B.Sub(bb, ctx.scalar(1.0, a)))))
-        ga = ctx.reduce_to_shape(da, a)
+        ga = ctx.reduce_to_shape(da, a) if da is not None else None
     if ctx.needs(b):
         gb = ctx.reduce_to_shape(B.Mul(B.Mul(g, y), B.Log(a)), b)
     return [ga, gb]
