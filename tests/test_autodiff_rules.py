@@ -1,17 +1,23 @@
 """Every VJP rule on small random shapes, and the driver's pruning/fan-in/errors.
 
-References (see tests/gradcheck.py):
+Which reference each op is checked against (helpers in tests/gradcheck.py):
 
-* FD  - central finite differences in float64 (eps 1e-6, rtol 1e-6): every op that
-  onnxruntime runs in float64, which is all of them except Erf (and Gelu without the tanh
-  approximation, which onnxruntime decomposes into Erf);
-* DOT - the dot-product test <J^T c, t> == <c, J t> (J t by central differences, float64)
-  on larger shapes;
-* TORCH - torch.autograd in float64 on the same inputs, for the float32 graphs: Erf and
-  exact Gelu (no float64 kernel in onnxruntime), and the float32 code paths of
-  LayerNormalization (which reuses the forward's float32 Mean/InvStdDev), Attention and
-  Gelu(tanh);
-* EXACT - the gradient of a linear map is known exactly (Cast).
+* FD - central finite differences of the ONNX forward run in onnxruntime, float64,
+  eps 1e-6, rtol 1e-6: Add, Sub, Mul, Div, Sum, Neg, Identity, Pow, Sqrt, Reciprocal, Exp,
+  Log, Tanh, Sigmoid, Relu, Abs, Gelu(tanh), Where, MatMul, Gemm, ReduceSum/Mean/Max/Min,
+  Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Expand, Concat, Split, Slice, Gather,
+  GatherElements, Softmax, LogSoftmax, SoftmaxCrossEntropyLoss, NegativeLogLikelihoodLoss,
+  LayerNormalization (float64: statistics recomputed in float64);
+* FD of a numpy float64 forward - Attention: onnxruntime has a float64 Attention kernel
+  but it is only accurate to ~1e-8 (float32 inside), which would swamp eps = 1e-6; its
+  forward is checked against the numpy one first;
+* DOT - the dot-product test <J^T c, t> == <c, J t> (float64) on larger batched MatMuls;
+* TORCH - torch.autograd in float64 on the same inputs, for float32 graphs: Erf and exact
+  Gelu (onnxruntime has no float64 Erf kernel, and decomposes Gelu into Erf), Gelu(tanh),
+  and the float32 code paths of LayerNormalization (reuses the forward's Mean/InvStdDev)
+  and Attention;
+* EXACT - closed forms: Cast (a linear map), ReduceMax ties, Gather duplicates
+  (np.add.at), and the run-time broadcast reductions (numpy).
 """
 
 from __future__ import annotations
