@@ -574,6 +574,10 @@ class Shapes:
                     if k < len(outs):
                         outs[k] = stat
                         dts[k] = TensorProto.FLOAT if A.get("stash_type", 1) == 1 else self.dtype.get(ins[0])
+        elif op in ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"):
+            outs[0] = S[1] if A.get("reduction", b"mean") in (b"none", "none") else []
+            if len(outs) > 1:
+                outs[1] = x
         elif op == "Attention":
             q, k, v = S[0], S[1], S[2]
             if q is not None and k is not None and v is not None and len(q) == 4 and len(v) == 4:

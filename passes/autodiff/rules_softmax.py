@@ -76,7 +76,9 @@ def _per_sample_grad(ctx, node, g, labels, w, like):
         return g if w is None else B.Mul(g, w)
     if reduction == "mean":
         if w is None:
-            count = B.Cast(B.Size(labels), to=ctx.dtype(like))
+            static = ctx.static_shape(labels)
+            count = (ctx.scalar(float(np.prod(static)), like) if static is not None
+                     else B.Cast(B.Size(labels), to=ctx.dtype(like)))
             return B.Expand(B.Div(g, count), ctx.shape_tensor(labels))
         g = B.Div(g, B.ReduceSum(w, keepdims=0))
     return B.Expand(g, ctx.shape_tensor(labels)) if w is None else B.Mul(w, g)
