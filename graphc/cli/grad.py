@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     except NotImplementedError as e:
         raise GraphcError(args.model, str(e)) from None
     save_model(train, args.out)
-    n_forward = sum(1 for n in train.graph.node if not n.name.startswith("grad"))
+    forward_values = {o for n in model.graph.node for o in n.output if o}
+    n_forward = sum(1 for n in train.graph.node if any(o in forward_values for o in n.output))
     n_backward = len(train.graph.node) - n_forward
     print(f"wrote {args.out}: {n_forward} forward nodes, {n_backward} backward nodes, {len(wrt)} gradients")
     return 0
