@@ -193,6 +193,21 @@ def test_gemm_default_alpha_beta_bias_n():
     check_fd(make_case(op("Gemm", "x", "w", "b", transB=1), {"x": rnd(3, 4), "w": rnd(5, 4, seed=1), "b": rnd(5, seed=2)}))
 
 
+@pytest.mark.parametrize("which", ["a", "b"])
+@pytest.mark.parametrize("batch_x", [(2, 3), (1, 3)])
+def test_matmul_with_transposed_operand(which, batch_x):
+    # attention's q @ k^T: the gradient of k is computed directly (no transpose back and forth)
+    def fn(b, v):
+        t = b.Transpose(v["x"], perm=[0, 1, 3, 2])
+        return b.MatMul(t, v["y"]) if which == "a" else b.MatMul(v["y"], t)
+    x = rnd(*batch_x, 4, 5, seed=1)
+    y = rnd(2, 3, 4, 6, seed=2) if which == "a" else rnd(2, 3, 6, 5, seed=2)
+    case = make_case(fn, {"x": x, "y": y})
+    check_fd(case)
+    if batch_x == (2, 3):
+        assert sum(n.op_type == "Transpose" for n in backward_nodes(case.train)) == 1   # fused by onnxruntime
+
+
 def test_matmul_dot_product_larger():
     # DOT on shapes where per-element FD would be slow
     check_dot(make_case(op("MatMul", "a", "b"), {"a": rnd(2, 3, 16, 24, seed=1), "b": rnd(2, 3, 24, 16, seed=2)}))

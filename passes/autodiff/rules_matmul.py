@@ -78,10 +78,28 @@ def matmul(ctx, node, grads):
         return [ga, gb]
 
     if need_a:
-        ga = ctx.reduce_to_shape(B.MatMul(g, ctx.swap_last(b)), a)
+        if _is_swap(ctx, a) and ctx.rank(a) == ctx.rank(node.output[0]):
+            # A = transpose(X): dA^T = (G B^T)^T = B G^T; the Transpose rule of A cancels the swap
+            ga = ctx.reduce_to_shape(ctx.swap_last(B.MatMul(b, ctx.swap_last(g))), a)
+        else:
+            ga = ctx.reduce_to_shape(B.MatMul(g, ctx.swap_last(b)), a)
     if need_b:
-        gb = ctx.reduce_to_shape(B.MatMul(ctx.swap_last(a), g), b)
+        if _is_swap(ctx, b) and ctx.rank(b) == ctx.rank(node.output[0]):
+            # B = transpose(X) (attention's K^T): dX = (A^T G)^T = G^T A, computed directly
+            gb = ctx.reduce_to_shape(ctx.swap_last(B.MatMul(ctx.swap_last(g), a)), b)
+        else:
+            gb = ctx.reduce_to_shape(B.MatMul(ctx.swap_last(a), g), b)
     return [ga, gb]
+
+
+def _is_swap(ctx, v):
+    """Is ``v`` a Transpose swapping the last two axes of its input?"""
+    prod = ctx._producer(v)
+    if prod is None or prod.op_type != "Transpose":
+        return False
+    perm = ctx.attr(prod, "perm")
+    r = ctx.rank(v)
+    return perm is not None and r is not None and r >= 2 and list(perm) == list(range(r - 2)) + [r - 1, r - 2]
 
 
 @vjp("Gemm")
