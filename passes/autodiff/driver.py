@@ -785,8 +785,9 @@ class GradContext:
         return self.b.ConstantOfShape(self.shape_tensor(like), value=value, name="zeros")
 
     # ------------------------------------------------------------------ helpers
-    def transpose(self, x: str, perm: Sequence[int]) -> str:
-        """Transpose, cancelling against a producing Transpose (``T(T(x)) == x``)."""
+    def transpose(self, x: str, perm: Sequence[int], compose: bool = True) -> str:
+        """Transpose, cancelling against a producing Transpose (``T(T(x)) == x``) or, with
+        ``compose``, merging into one Transpose of the producer's input."""
         perm = list(perm)
         if perm == sorted(perm):
             return x
@@ -797,15 +798,17 @@ class GradContext:
                 composed = [inner[p] for p in perm]    # transpose(transpose(s, inner), perm)
                 if composed == list(range(len(perm))):
                     return prod.input[0]
-                return self.b.Transpose(prod.input[0], perm=composed)
+                if compose:
+                    return self.b.Transpose(prod.input[0], perm=composed)
         return self.b.Transpose(x, perm=perm)
 
     def swap_last(self, x: str) -> str:
-        """``x`` with its last two axes swapped."""
+        """``x`` with its last two axes swapped (a MatMul operand: kept a plain swap, which
+        onnxruntime folds into the product as ``FusedMatMul(transA/transB)``)."""
         r = self.rank(x)
         if r is None:
             raise NotImplementedError(f"rank of {x!r} is unknown")
-        return self.transpose(x, list(range(r - 2)) + [r - 1, r - 2])
+        return self.transpose(x, list(range(r - 2)) + [r - 1, r - 2], compose=False)
 
     def _producer(self, v: str) -> onnx.NodeProto | None:
         self._sync()
