@@ -530,7 +530,9 @@ def test_wrt_initializer_and_outputs_order():
     b.output(y, "y")
     b.output(b.ReduceSum(b.Mul(y, y), keepdims=0), "loss")
     model = b.model()
+    before = model.SerializeToString()
     train = differentiate(model, "loss", [w, "x"])
+    assert model.SerializeToString() == before          # the input model is left alone
     onnx.checker.check_model(train, full_check=True)
     assert [o.name for o in train.graph.output] == ["loss", "y", grad_name(w), "grad.x"]
     assert [i.name for i in train.graph.input] == ["x"]
