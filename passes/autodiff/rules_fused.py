@@ -15,10 +15,13 @@ forward                                    backward
 ``graphc.CrossEntropy(Z, T)``              ``graphc.CrossEntropyGrad(dloss, Z, T)`` -> dZ
 =========================================  ==============================================
 
-Forms the fused backward ops do not cover (an attention mask or past inputs, 3-D
-attention, a layer norm over several axes, gradients flowing into LayerNormalization's
-Mean/InvStdDev outputs) raise ``NotImplementedError`` naming the node, as the registry
-does for a missing rule: never a silent wrong gradient.
+The fused backward ops cover float32 graphs in the forms the fusion passes emit. Every
+other form (other dtypes, an attention mask or past inputs, 3-D attention, a layer norm
+over other axes, exact GELU, gradients into LayerNormalization's Mean/InvStdDev) is handed
+to the general primitive rule of the same op (``rules_attention``, ``rules_normalization``,
+``rules_elementwise``), so ``graphc grad`` on an arbitrary model is never worse for the
+fused rules being registered; where that rule has no answer either it raises, naming the
+node: never a silent wrong gradient.
 """
 
 from __future__ import annotations
@@ -28,9 +31,38 @@ import math
 import onnx
 from onnx import helper
 
+from onnx import TensorProto
+
 from graphc.ir.builder import GRAPHC_DOMAIN
+from graphc.passes.autodiff import rules_attention, rules_elementwise, rules_normalization
 from graphc.passes.autodiff.registry import vjp
 from graphc.passes.fusions.ops import function
+
+
+class _NotCovered(Exception):
+    """The node is outside what the fused backward op implements: use the general rule."""
+
+
+def _float32(ctx, value: str) -> bool:
+    dtype = getattr(ctx, "dtype", None)
+    return dtype is None or dtype(value) in (TensorProto.FLOAT, TensorProto.UNDEFINED)
+
+
+def _fused_or(general):
+    """Try the fused rule; when it does not cover the node, run ``general`` instead."""
+
+    def decorate(fused_rule):
+        def rule(ctx, node, grads):
+            try:
+                return fused_rule(ctx, node, grads)
+            except _NotCovered:
+                return general(ctx, node, grads)
+
+        rule.__doc__ = fused_rule.__doc__
+        rule.__name__ = fused_rule.__name__
+        return rule
+
+    return decorate
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -40,8 +72,8 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _unsupported(node: onnx.NodeProto, why: str) -> NotImplementedError:
-    return NotImplementedError(f"no gradient for {node.op_type} node {node.name!r} ({why})")
+def _unsupported(node: onnx.NodeProto, why: str) -> _NotCovered:
+    return _NotCovered(f"{node.op_type} node {node.name!r}: {why}")
 
 
 def _fused(ctx, op_type: str, inputs: list[str], like: list[str], **attrs):
@@ -75,8 +107,11 @@ def _static_last_dim(ctx, value: str):
 
 
 @vjp("Attention")
+@_fused_or(rules_attention.attention)
 def attention_vjp(ctx, node, grads):
     dy = grads[0]
+    if not _float32(ctx, node.input[0]):
+        raise _unsupported(node, "not float32")
     extra = [i for i in node.input[3:] if i]
     if extra:
         raise _unsupported(node, "attention mask / past key-value inputs")
@@ -101,7 +136,10 @@ def attention_vjp(ctx, node, grads):
 
 
 @vjp("LayerNormalization")
+@_fused_or(rules_normalization.layer_norm)
 def layernorm_vjp(ctx, node, grads):
+    if not _float32(ctx, node.input[0]):
+        raise _unsupported(node, "not float32")
     if any(g is not None for g in grads[1:]):
         raise _unsupported(node, "gradient into the Mean/InvStdDev outputs")
     axis = _attr(node, "axis", -1)
@@ -120,20 +158,17 @@ def layernorm_vjp(ctx, node, grads):
 
 
 @vjp("Gelu")
+@_fused_or(rules_elementwise.gelu)
 def gelu_vjp(ctx, node, grads):
     dy = grads[0]
-    if dy is None:
-        return [None]
     x = node.input[0]
     approx = _attr(node, "approximate", b"none")
     approx = approx.decode() if isinstance(approx, bytes) else approx
-    if approx == "tanh":
-        return [_fused(ctx, "GeluGrad", [dy, x], [x])]
-    # exact GELU: d/dx [x Phi(x)] = Phi(x) + x phi(x)
-    b = ctx.b
-    cdf = b.Mul(b.Add(b.Erf(b.Mul(x, b.scalar(1 / math.sqrt(2.0)))), b.scalar(1.0)), b.scalar(0.5))
-    pdf = b.Mul(b.Exp(b.Mul(b.Mul(x, x), b.scalar(-0.5))), b.scalar(1 / math.sqrt(2 * math.pi)))
-    return [b.Mul(dy, b.Add(cdf, b.Mul(x, pdf)))]
+    if approx != "tanh" or not _float32(ctx, x):
+        raise _unsupported(node, "exact GELU or not float32")
+    if dy is None:
+        return [None]
+    return [_fused(ctx, "GeluGrad", [dy, x], [x])]
 
 
 @vjp("CrossEntropy", domain=GRAPHC_DOMAIN)
