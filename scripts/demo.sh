@@ -18,4 +18,7 @@ graphc train --model L4H4C256 --seed 0 \
     -b 8 -t 64 --steps "$STEPS" --lr 2e-3 --warmup 30 --lr-final-frac 0.1 --grad-clip 1.0 \
     --val-every 50 --val-batches 8 --sample-every 100 --out "$RUN"
 echo "loss curve: $RUN/loss.png    log: $RUN/losses.tsv    model: $RUN/model.bin (llm.c format)"
-graphc generate --model "$RUN/model.bin" --prompt "ROMEO:" --max-new-tokens 80 --temperature 0.8 --top-k 40 --seed 1
+PROMPT="ROMEO:"
+echo "=== sample from $RUN/model.bin, prompt: $PROMPT"
+printf '%s' "$PROMPT"
+graphc generate --model "$RUN/model.bin" --prompt "$PROMPT" --max-new-tokens 80 --temperature 0.8 --top-k 40 --seed 1
