@@ -12,12 +12,16 @@ fi
 extras="${1:-plot}"
 stamp="$ROOT/.venv/.graphc-installed-$(echo "$extras" | tr ',' '-')"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-    python -m pip install -q --disable-pip-version-check --upgrade pip
-    if [[ "$extras" == *test* ]]; then
-        # The CPU build of PyTorch, pinned: an open range would pull the newest CUDA build (GBs).
-        python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-    fi
-    python -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]"
+    echo "setting up $ROOT/.venv (graphc[$extras]) ..." >&2
+    log="$ROOT/.venv/install.log"
+    {
+        python -m pip install --disable-pip-version-check --upgrade pip
+        if [[ "$extras" == *test* ]]; then
+            # The CPU build of PyTorch, pinned: an open range would pull the newest CUDA build (GBs).
+            python -m pip install --disable-pip-version-check "torch==2.13.0"
+        fi
+        python -m pip install --disable-pip-version-check -e "$ROOT[$extras]"
+    } >"$log" 2>&1 || { cat "$log" >&2; echo "setup failed; the log is $log" >&2; exit 1; }
     touch "$stamp"
 fi
 # Offline assets: use the shared copies beside the checkout when they exist.
