@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import onnx
 
+from graphc.ir.walk import subgraph_reads
+
 
 class DeadCodeElimination:
     name = "dce"
@@ -26,7 +28,7 @@ class DeadCodeElimination:
             if any(o and o in live for o in n.output):
                 keep.append(n)
                 live.update(i for i in n.input if i)
-                live.update(_subgraph_reads(n))
+                live.update(subgraph_reads(n))
         keep.reverse()
         graph_inputs = {v.name for v in g.input}
         inits = [t for t in g.initializer if t.name in live or t.name in graph_inputs]
@@ -51,18 +53,6 @@ class DeadCodeElimination:
         del out.functions[:]
         out.functions.extend(fns)
         return out, True
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope values read by the subgraphs of If/Loop/Scan nodes."""
-    reads: set[str] = set()
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for sg in graphs:
-            for n in sg.node:
-                reads.update(i for i in n.input if i)
-                reads |= _subgraph_reads(n)
-    return reads
 
 
 def _live_functions(model: onnx.ModelProto, nodes) -> list[onnx.FunctionProto]:

@@ -138,7 +138,6 @@ class Trainer:
             self.emit(f"generating:\n---\n{self.sampler(self.params, self.config.seed + step)}\n---")
 
     def train_step(self) -> float:
-        c = self.config
         t0 = time.perf_counter()
         inputs, targets = self.train_loader.next_batch()
         out = self.train_program.run({"tokens": inputs, "targets": targets}, outputs=self.grad_outputs)

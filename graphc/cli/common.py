@@ -22,17 +22,23 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-opt", action="store_true", help="run the unoptimised graphs (no fusion passes)")
 
 
-def positive(name: str):
+def int_at_least(name: str, minimum: int):
+    """An argparse type: an integer >= ``minimum``, with a message naming the flag."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
         return value
 
     return parse
+
+
+def positive(name: str):
+    return int_at_least(name, 1)
 
 
 def check_seq_len(cfg: GPT2Config, T: int, flag: str = "-t") -> None:

@@ -16,24 +16,13 @@ import argparse
 import re
 import sys
 
-from graphc.cli.common import add_backend_args, add_model_args
+from graphc.cli.common import add_backend_args, add_model_args, int_at_least
 from graphc.errors import GraphcError
 
 HELP = "generate text (or token ids) from a prompt with a GPT-2 model, with a KV cache by default"
 BLOCK_SEPARATOR = "---"
 
 
-def _non_negative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
-        return value
-
-    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="prompt text; repeat for several prompts generated as one batch")
     src.add_argument("--prompt-ids", action="append", metavar="'ID ID ...'",
                      help="prompt as GPT-2 token ids separated by spaces (or commas); repeatable")
-    p.add_argument("--max-new-tokens", type=_non_negative_int("--max-new-tokens"), default=64,
+    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 0), default=64,
                    help="tokens to generate per prompt at most (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
-    p.add_argument("--top-k", type=_non_negative_int("--top-k"), default=50,
+    p.add_argument("--top-k", type=int_at_least("--top-k", 0), default=50,
                    help="keep the k most likely tokens; 0 = off (default %(default)s)")
     p.add_argument("--top-p", type=float, default=0.95,
                    help="nucleus sampling mass; 1 = off (default %(default)s)")

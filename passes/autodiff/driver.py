@@ -49,6 +49,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphc import OPSET
+from graphc.ir.walk import subgraph_reads
 from graphc.errors import GraphcError
 from graphc.ir.builder import GraphBuilder, infer, np_dtype
 from graphc.passes.autodiff.registry import VJP, lookup
@@ -995,17 +996,6 @@ def _to_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         raise GraphcError(None, f"cannot convert the model from opset {version} to {OPSET}: {e}", "opset") from None
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            for n in g.node:
-                names.update(i for i in n.input if i)
-                names |= _subgraph_inputs(n)
-    return names
-
-
 def _topo_check(graph: onnx.GraphProto) -> None:
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     for node in graph.node:
@@ -1217,7 +1207,7 @@ def _assemble(m: onnx.ModelProto, b: GraphBuilder, outputs: list[onnx.ValueInfoP
         if any(o in live for o in node.output if o):
             kept.append(node)
             live.update(i for i in node.input if i)
-            live |= _subgraph_inputs(node)
+            live |= subgraph_reads(node)
     kept.reverse()
 
     const_nodes = [helper.make_node("Constant", [], [name], name=b.fresh_node(f"{name}_const"), value=t)
