@@ -52,3 +52,12 @@ def test_bad_input(capsys):
     assert main(["compile", "--model", "L1H2C32", "--mode", "infer", "-t", "5000"]) == 2
     with pytest.raises(SystemExit):
         main(["compile", "--model", "d12", "--mode", "sideways"])
+
+
+def test_decode_step_memory_plan(capsys):
+    """The decode step (one token over a KV cache of capacity T) is planned too."""
+    assert main(["compile", "--model", "d12", "--mode", "decode", "-b", "1", "-t", "1024", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fused"]["layernorm"] == 25 and report["fused"]["gelu"] == 12
+    # one token's activations are tiny next to the cache; reuse brings the arena far below naive
+    assert 0 < report["peak_bytes"] < report["naive_bytes"] / 4

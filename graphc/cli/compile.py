@@ -1,9 +1,11 @@
 """``graphc compile``: run the optimisation pipeline on GPT-2 and report every pass.
 
-    graphc compile --model PATH|NAME --mode train|infer [-b B -t T] [--dump DIR] [--json]
+    graphc compile --model PATH|NAME --mode train|infer|decode [-b B -t T] [--dump DIR] [--json]
 
-Builds the forward graph for the model's config (``infer``: logits only; ``train``:
-forward with the loss, differentiated w.r.t. every parameter inside the pipeline), runs
+Builds the graph of one step for the model's config (``infer``: forward logits only;
+``train``: forward with the loss, differentiated w.r.t. every parameter inside the
+pipeline; ``decode``: one KV-cache decode step, one new token per sequence over a cache of
+capacity T), runs
 the pipeline (:func:`graphc.passes.pipelines.optimize`) and plans memory for batch B and
 sequence length T. Only the config matters: a named size (``d12``) needs no weights, a
 checkpoint is read for its header/config. Prints one line per pass (nodes before/after,
@@ -25,8 +27,9 @@ HELP = "optimise the GPT-2 training or inference graph and report every pass and
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="llm.c .bin, HF model.safetensors (file or folder), or a size name (d12, L4H4C128)")
-    p.add_argument("--mode", required=True, choices=["train", "infer"],
-                   help="train: forward + loss + backward for every parameter; infer: forward logits only")
+    p.add_argument("--mode", required=True, choices=sorted(MODES),
+                   help="train: forward + loss + backward for every parameter; infer: forward logits only; "
+                        "decode: one KV-cache decode step (T = cache capacity)")
     p.add_argument("-b", dest="B", type=positive("-b"), default=4, help="batch size for the memory plan (default 4)")
     p.add_argument("-t", dest="T", type=positive("-t"), default=64,
                    help="sequence length for the memory plan (default 64)")
@@ -46,15 +49,40 @@ def model_config(spec: str):
     return load_model(spec).cfg
 
 
+def _train(cfg):
+    from graphc.models.gpt2 import build_forward
+
+    return build_forward(cfg, loss=True, logits=False)
+
+
+def _infer(cfg):
+    from graphc.models.gpt2 import build_forward
+
+    return build_forward(cfg, loss=False, logits=True)
+
+
+def _decode(cfg):
+    from graphc.models.kv_cache import build_decode
+
+    return build_decode(cfg)
+
+
+# mode -> (graph builder, pipeline, symbolic dims of the memory plan from B and T)
+MODES = {
+    "train": (_train, "train", lambda B, T: {"B": B, "T": T}),
+    "infer": (_infer, "infer", lambda B, T: {"B": B, "T": T}),
+    "decode": (_decode, "infer", lambda B, T: {"B": B, "S": 1, "capacity": T}),
+}
+
+
 def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None) -> dict:
     """Build, optimise and plan; return the report as a dict (the ``--json`` object)."""
-    from graphc.models.gpt2 import build_forward
     from graphc.passes.memory_plan import plan_model
     from graphc.passes.pipelines import optimize
 
-    forward = build_forward(cfg, loss=(mode == "train"), logits=(mode == "infer"))
-    model, report = optimize(forward, mode, dump_dir=dump_dir)
-    mem = plan_model(model, {"B": B, "T": T})
+    build, pipeline, dims = MODES[mode]
+    model, report = optimize(build(cfg), pipeline, dump_dir=dump_dir)
+    mem = plan_model(model, dims(B, T))
     return {
         "mode": mode, "config": cfg.describe(), "B": B, "T": T,
         "pipeline": report.pipeline,
