@@ -108,7 +108,7 @@ PIPELINES: dict[str, list[str]] = {
     # then whatever forward-only patterns are left (an extra logits output, say)
     "train_graph": ["shape_inference", "fuse_backward", *CLEANUP, *FORWARD_FUSIONS, "fold_transpose", *CLEANUP],
 }
-# TensorRT wants exactly the standard ops the infer pipeline emits; the CUDA backend too.
+# TensorRT wants exactly the standard ops the infer pipeline emits (its backend is planned).
 PIPELINES["infer:tensorrt"] = PIPELINES["infer"]
 
 

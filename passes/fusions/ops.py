@@ -2,7 +2,7 @@
 functions (domain ``graphc``) for the fused ops ONNX does not have.
 
 Forward fusions emit *standard* ops wherever ONNX has one, so that every backend
-(onnxruntime, TensorRT's parser, graphc's CUDA lowering) recognises them by name:
+(onnxruntime today; TensorRT's parser and graphc's planned CUDA lowering) recognises them by name:
 
 =================  =============================================  =====================
 pattern            fused op                                       backward (local fn)
@@ -35,8 +35,8 @@ Design choices (see also ``passes/autodiff/rules_fused.py``):
   (softmax(z) - onehot(t)) * dloss / N, recomputing softmax from the logits, which stay
   alive for the backward anyway.
 * **Bias + GELU stays Gemm(bias) + Gelu**, no ``BiasGelu`` op: the bias already lives in
-  Gemm's C input, cuBLASLt has a GELU(+bias) epilogue that graphc's CUDA lowering selects
-  by matching Gemm -> Gelu, and TensorRT fuses Gemm + pointwise Gelu itself; a custom
+  Gemm's C input, cuBLASLt has a GELU(+bias) epilogue that a CUDA lowering can select
+  by matching Gemm -> Gelu (graphc's is planned), and TensorRT fuses Gemm + pointwise Gelu itself; a custom
   function would hide the GEMM from TensorRT's parser.
 """
 
