@@ -74,6 +74,10 @@ def read_debug_state(path: str | os.PathLike, cfg: GPT2Config) -> DebugState:
             raise GraphcError(path, f"sequence length T={T} exceeds the model's maximum {cfg.max_seq_len}", "header.T")
         expected = expected_size(cfg, B, T)
         actual = os.fstat(f.fileno()).st_size
+        unpadded = expected - 4 * (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+        if actual != expected and actual == unpadded:
+            raise GraphcError(path, f"the wte gradient has {cfg.vocab_size} rows, not the padded {cfg.padded_vocab_size}: "
+                              "an older llm.c debug state; regenerate it with a current train_gpt2.py", "grads.wte")
         if actual != expected:
             what = "is truncated or" if actual < expected else "is larger than expected:"
             raise GraphcError(path, f"file has {actual} bytes but B={B} T={T} with this model (V={cfg.vocab_size}, "

@@ -180,3 +180,16 @@ def test_d12_state_validates(capsys, tmp_path):
     code, out, _ = cli(capsys, tmp_path / "d12.bin", tmp_path / "d12_state.bin")
     assert code == 0, out
     assert out.splitlines()[-1] == "OK"
+
+
+def test_unpadded_wte_gradient_is_named(capsys, files, tmp_path):
+    """An older llm.c state (wte gradient over the real 50257 rows) gets a precise error."""
+    d, params, (x, y, logits, loss, grads) = files
+    cfg = params.cfg
+    data = (d / "state.bin").read_bytes()
+    wte_start = HEADER_INTS * 4 + 4 * (2 * x.size + logits.size + 1)
+    pad = 4 * (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+    wte_end = wte_start + 4 * cfg.padded_vocab_size * cfg.n_embd
+    (tmp_path / "old.bin").write_bytes(data[:wte_end - pad] + data[wte_end:])
+    code, _, err = cli(capsys, d / "model.bin", tmp_path / "old.bin")
+    assert code == 2 and "grads.wte" in err and "padded" in err and len(err.strip().splitlines()) == 1
