@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from graphc.ir.walk import subgraph_reads
+from graphc.ir.node import subgraph_reads
 
 
 class DeadCodeElimination:

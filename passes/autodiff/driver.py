@@ -49,7 +49,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphc import OPSET
-from graphc.ir.walk import subgraph_reads
+from graphc.ir.node import attr, attrs, subgraph_reads
 from graphc.errors import GraphcError
 from graphc.ir.builder import GraphBuilder, infer, np_dtype
 from graphc.passes.autodiff.registry import VJP, lookup
@@ -155,10 +155,6 @@ INT64_OUT = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
 REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
 INT64_MAX = 2**63 - 1
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -356,7 +352,7 @@ class Shapes:
         ins = list(node.input)
         S = [self.shape.get(i) if i else None for i in ins]
         V = [self.value.get(i) if i else None for i in ins]
-        A = _attrs(node)
+        A = attrs(node)
         x = S[0] if S else None
 
         if op in BOOL_OUT:
@@ -745,13 +741,7 @@ class GradContext:
         self._sync()
         return self.shapes.value.get(v)
 
-    @staticmethod
-    def attr(node: onnx.NodeProto, name: str, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                value = helper.get_attribute_value(a)
-                return value.decode() if isinstance(value, bytes) else value
-        return default
+    attr = staticmethod(attr)
 
     def same_shape(self, a: str, b: str) -> bool:
         sa, sb = self.shape(a), self.shape(b)

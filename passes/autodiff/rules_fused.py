@@ -29,11 +29,10 @@ from __future__ import annotations
 import math
 
 import onnx
-from onnx import helper
-
 from onnx import TensorProto
 
 from graphc.ir.builder import GRAPHC_DOMAIN
+from graphc.ir.node import attr
 from graphc.passes.autodiff import rules_attention, rules_elementwise, rules_normalization
 from graphc.passes.autodiff.registry import vjp
 from graphc.passes.fusions.ops import function
@@ -63,13 +62,6 @@ def _fused_or(general):
         return rule
 
     return decorate
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _unsupported(node: onnx.NodeProto, why: str) -> _NotCovered:
@@ -117,21 +109,21 @@ def attention_vjp(ctx, node, grads):
         raise _unsupported(node, "attention mask / past key-value inputs")
     if any(g is not None for g in grads[1:]):
         raise _unsupported(node, "gradient into present_key/present_value/qk_matmul_output")
-    if _attr(node, "q_num_heads") or _attr(node, "kv_num_heads"):
+    if attr(node, "q_num_heads") or attr(node, "kv_num_heads"):
         raise _unsupported(node, "3-D attention (q_num_heads); graphc fuses the 4-D form")
-    if _attr(node, "softcap", 0.0):
+    if attr(node, "softcap", 0.0):
         raise _unsupported(node, "softcap")
     if dy is None:
         return [None, None, None]
     q, k, v = node.input[:3]
-    scale = _attr(node, "scale")
+    scale = attr(node, "scale")
     if scale is None:
         d = _static_last_dim(ctx, q)
         if d is None:
             raise _unsupported(node, "no scale attribute and the head size is not static")
         scale = 1.0 / math.sqrt(d)
     dq, dk, dv = _fused(ctx, "AttentionGrad", [dy, q, k, v, node.output[0]], [q, k, v],
-                        scale=float(scale), is_causal=int(_attr(node, "is_causal", 0)))
+                        scale=float(scale), is_causal=int(attr(node, "is_causal", 0)))
     return [dq, dk, dv]
 
 
@@ -142,7 +134,7 @@ def layernorm_vjp(ctx, node, grads):
         raise _unsupported(node, "not float32")
     if any(g is not None for g in grads[1:]):
         raise _unsupported(node, "gradient into the Mean/InvStdDev outputs")
-    axis = _attr(node, "axis", -1)
+    axis = attr(node, "axis", -1)
     if axis != -1:
         shape_of = getattr(ctx, "shape", None)
         rank = len(shape_of(node.input[0])) if shape_of is not None else None
@@ -152,7 +144,7 @@ def layernorm_vjp(ctx, node, grads):
     if dy is None:
         return [None] * len(node.input)
     x, w = node.input[:2]
-    dx, dw, db = _fused(ctx, "LayerNormGrad", [dy, x, w], [x, w, w], epsilon=float(_attr(node, "epsilon", 1e-5)))
+    dx, dw, db = _fused(ctx, "LayerNormGrad", [dy, x, w], [x, w, w], epsilon=float(attr(node, "epsilon", 1e-5)))
     has_bias = len(node.input) > 2 and bool(node.input[2])
     return [dx, dw, db] if has_bias else [dx, dw] + [None] * (len(node.input) - 2)
 
@@ -162,8 +154,7 @@ def layernorm_vjp(ctx, node, grads):
 def gelu_vjp(ctx, node, grads):
     dy = grads[0]
     x = node.input[0]
-    approx = _attr(node, "approximate", b"none")
-    approx = approx.decode() if isinstance(approx, bytes) else approx
+    approx = attr(node, "approximate", "none")
     if approx != "tanh" or not _float32(ctx, x):
         raise _unsupported(node, "exact GELU or not float32")
     if dy is None:

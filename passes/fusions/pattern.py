@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from graphc.ir.node import attr  # noqa: F401 - the fusion passes import it from here
+
 
 class NoMatch(Exception):
     """A candidate failed one check; the message says which and why."""
@@ -159,13 +161,6 @@ def constant_node_value(n: onnx.NodeProto) -> np.ndarray | None:
     if a.name == "value_ints":
         return np.array(list(a.ints), dtype=np.int64)
     return None
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def close(value: float | None, target: float, rtol: float = 1e-5) -> bool:

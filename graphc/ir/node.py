@@ -1,8 +1,23 @@
-"""Graph walking helpers shared by passes."""
+"""Node helpers shared by passes: attribute access and subgraph reads."""
 
 from __future__ import annotations
 
 import onnx
+from onnx import helper
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of attribute ``name`` (strings decoded to ``str``), or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    """Every attribute of ``node`` by name (raw values, as onnx.helper returns them)."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
