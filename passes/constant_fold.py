@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from graphc.ir.node import with_graph
 from graphc.passes.fusions.pattern import GraphIndex, attr
 
 MAX_ELEMENTS = 1024
@@ -76,12 +78,7 @@ class ConstantFold:
         self.stats = {"folded": folded}
         if not folded:
             return model, False
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
-        out.graph.initializer.extend(new_inits)
-        return out, True
+        return with_graph(model, nodes=nodes, initializers=[*model.graph.initializer, *new_inits]), True
 
 
 def constant_fold() -> ConstantFold:

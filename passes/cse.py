@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import onnx
 
+from graphc.ir.node import with_graph
+
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}
 MAX_CONST_BYTES = 1 << 16
@@ -68,13 +70,7 @@ class CommonSubexpressionElimination:
         self.stats = {"merged_nodes": merged, "merged_constants": merged_consts}
         if not (merged or merged_consts):
             return model, False
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(inits)
-        return out, True
+        return with_graph(model, nodes=nodes, initializers=inits), True
 
 
 def _payload(t: onnx.TensorProto) -> bytes:

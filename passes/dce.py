@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from graphc.ir.node import subgraph_reads
+from graphc.ir.node import subgraph_reads, with_graph
 
 
 class DeadCodeElimination:
@@ -40,19 +40,9 @@ class DeadCodeElimination:
                       "removed_functions": removed_fns}
         if not (removed_nodes or removed_inits or removed_fns):
             return model, False
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        del out.graph.node[:]
-        out.graph.node.extend(keep)
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(inits)
         produced = {o for n in keep for o in n.output}
         vi = [v for v in g.value_info if v.name in produced]
-        del out.graph.value_info[:]
-        out.graph.value_info.extend(vi)
-        del out.functions[:]
-        out.functions.extend(fns)
-        return out, True
+        return with_graph(model, nodes=keep, initializers=inits, value_info=vi, functions=fns), True
 
 
 def _live_functions(model: onnx.ModelProto, nodes) -> list[onnx.FunctionProto]:

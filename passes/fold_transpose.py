@@ -14,8 +14,10 @@ Transposes left without readers are removed by DCE.
 from __future__ import annotations
 
 import onnx
+
 from onnx import helper
 
+from graphc.ir.node import with_graph
 from graphc.passes.fusions.pattern import GraphIndex, attr
 
 
@@ -85,11 +87,7 @@ class FoldTranspose:
                             v = rename[v]
                         c.input[k] = v
                     nodes[j] = c
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
-        return out, True
+        return with_graph(model, nodes=nodes), True
 
 
 def fold_transpose() -> FoldTranspose:

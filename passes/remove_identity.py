@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import onnx
 
+
+from graphc.ir.node import with_graph
 from graphc.passes.fusions.pattern import GraphIndex, attr
 
 
@@ -79,11 +81,7 @@ class RemoveIdentity:
             for k, v in enumerate(c.output):
                 c.output[k] = rename_out.get(v, v)
             nodes.append(c)
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
-        return out, True
+        return with_graph(model, nodes=nodes), True
 
 
 def remove_identity() -> RemoveIdentity:

@@ -34,3 +34,21 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
                 reads.update(i for i in n.input if i)
                 reads |= subgraph_reads(n)
     return reads
+
+
+def with_graph(model: onnx.ModelProto, *, nodes=None, initializers=None, value_info=None,
+               functions=None) -> onnx.ModelProto:
+    """A copy of ``model`` with the given parts of its graph replaced (the rest kept).
+
+    Passes return new models rather than mutating the one they were given, so the pass
+    manager can dump and compare every stage.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for field, items in ((out.graph.node, nodes), (out.graph.initializer, initializers),
+                         (out.graph.value_info, value_info), (out.functions, functions)):
+        if items is not None:
+            items = list(items)
+            del field[:]
+            field.extend(items)
+    return out
