@@ -27,7 +27,10 @@ def _load(name: str):
 
 
 def build_parser(available: list[str] | None = None) -> argparse.ArgumentParser:
+    from graphc import __version__
+
     parser = argparse.ArgumentParser(prog="graphc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"graphc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in available if available is not None else COMMANDS:
