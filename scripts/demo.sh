@@ -15,7 +15,7 @@ if [ ! -f "$DATA/tiny_shakespeare_train.bin" ]; then
 fi
 graphc train --model L4H4C256 --seed 0 \
     --train-data "$DATA/tiny_shakespeare_train.bin" --val-data "$DATA/tiny_shakespeare_val.bin" \
-    -b 8 -t 64 --steps "$STEPS" --lr 2e-3 --warmup 30 --lr-final-frac 0.1 --grad-clip 1.0 \
+    -b 8 -t 64 --steps "$STEPS" --lr 1e-3 --warmup 30 --lr-final-frac 0.1 --grad-clip 1.0 \
     --val-every 50 --val-batches 8 --sample-every 100 --out "$RUN"
 echo "loss curve: $RUN/loss.png    log: $RUN/losses.tsv    model: $RUN/model.bin (llm.c format)"
 PROMPT="ROMEO:"
