@@ -160,7 +160,8 @@ class Trainer:
                 self.validate(s)
             if c.sample_every > 0 and s > 0 and s % c.sample_every == 0:
                 self.sample(s)
-            progress.update(self.step, self.train_step())
+            ms = self.train_step()
+            progress.update(self.step, ms)  # steps completed so far
             done = self.step == c.steps
             if done or (c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0):
                 self.save()
@@ -178,24 +179,30 @@ class Trainer:
 
 
 class Progress:
-    """A one-line progress display on stderr (steps, tokens/s, ETA); silent when piped."""
+    """Progress on stderr: steps, tokens/s and ETA.
+
+    On a terminal one line is redrawn every step; otherwise (a log file, CI) a line is
+    written about every tenth of the run, so logs show the rate without a line per step.
+    """
 
     def __init__(self, total: int, tokens_per_step: int, start: int):
         self.total, self.tokens, self.start = total, tokens_per_step, start
-        self.enabled = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, (total - start) // 10)
         self.ms: list[float] = []
 
     def update(self, step: int, ms: float) -> None:
         self.ms.append(ms)
-        if not self.enabled:
+        if not self.tty and (step - self.start) % self.every and step != self.total:
             return
         recent = self.ms[-20:]
         per_step = sum(recent) / len(recent) / 1000
         eta = int(per_step * (self.total - step))
-        sys.stderr.write(f"\r[{step}/{self.total}] {self.tokens / per_step:,.0f} tok/s, "
-                         f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}   ")
+        line = (f"[{step}/{self.total}] {self.tokens / per_step:,.0f} tok/s, "
+                f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        sys.stderr.write(f"\r{line}   " if self.tty else f"progress: {line}\n")
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled and self.ms:
+        if self.tty and self.ms:
             sys.stderr.write("\n")
