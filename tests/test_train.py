@@ -140,3 +140,13 @@ def test_train_bad_inputs(tmp_path, tiny_shards, capsys):
     assert "no files" in capsys.readouterr().err
     assert main([*base, "--resume"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_progress_on_stderr_when_not_a_terminal(tmp_path, tiny_shards, capsys):
+    trainer, lines = make_trainer(tmp_path, tiny_shards, None, steps=20)
+    trainer.run()
+    err = capsys.readouterr().err.splitlines()
+    progress = [l for l in err if l.startswith("progress: ")]
+    assert len(progress) == 10 and progress[-1].startswith("progress: [20/20]")
+    assert all(re.search(r"\d tok/s, ETA \d+:\d\d:\d\d$", l) for l in progress)
+    assert not any(l.startswith("progress") for l in lines)  # stdout lines stay the contract's
