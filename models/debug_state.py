@@ -187,7 +187,6 @@ def autodiff_available() -> bool:
 def compute(params: Params, inputs: np.ndarray, targets: np.ndarray, *, grads: bool = True,
             backend: str = "onnxruntime") -> tuple[np.ndarray, float, Params | None]:
     """graphc's logits [B, T, V], loss and (with ``grads`` and autodiff present) gradients."""
-    from graphc.backends import get_backend
     from graphc.models.gpt2 import build_forward
 
     cfg = params.cfg
@@ -197,22 +196,14 @@ def compute(params: Params, inputs: np.ndarray, targets: np.ndarray, *, grads: b
     g = None
     outputs = {}
     if grads and autodiff_available():
-        from graphc.passes.autodiff import differentiate
+        from graphc.passes.autodiff import differentiate, grad_name
 
-        model = differentiate(model, loss="loss", wrt=params.names())
+        model = differentiate(model, loss="loss", wrt=params.names())  # keeps logits and loss
         g = params.like()
-        produced = {o.name for o in model.graph.output}
-        outputs = {f"grad.{name}": g[name] for name in params.names() if f"grad.{name}" in produced}
-        missing = [name for name in params.names() if f"grad.{name}" not in produced]
-        if missing:
-            raise RuntimeError(f"autodiff produced no gradient for {missing[:3]}...")
-    prepared = get_backend(backend)().prepare(model)
-    prepared.bind(params.feeds())
-    out = prepared.run(feeds, outputs=outputs)
-    if "logits" not in out or "loss" not in out:  # a differentiated graph that dropped the forward outputs
-        fwd = get_backend(backend)().prepare(build_forward(cfg, loss=True, logits=True))
-        fwd.bind(params.feeds())
-        out = {**out, **fwd.run(feeds)}
+        outputs = {grad_name(name): g[name] for name in params.names()}
+    from graphc.runtime.programs import prepare
+
+    out = prepare(model, params, backend).run(feeds, outputs=outputs)
     return np.asarray(out["logits"]), float(np.asarray(out["loss"])), g
 
 

@@ -34,6 +34,7 @@ from graphc.errors import GraphcError
 from graphc.models.gpt2 import build_forward
 from graphc.models.kv_cache import build_decode, build_prefill, cache_shape, past_name, present_name
 from graphc.models.params import Params
+from graphc.runtime.programs import optimize, prepare
 from graphc.runtime.sampling import Sampler
 
 EOT = 50256
@@ -74,7 +75,8 @@ class Generator:
         self.opt = opt
         self.cfg = params.cfg
         self.kv_cache = kv_cache
-        self.backend = get_backend(backend)()
+        get_backend(backend)  # a one-line error now for an unusable backend, not at the first prompt
+        self.backend_name = backend
         self.eot = eot
         self._programs: dict[str, object] = {}
 
@@ -84,12 +86,8 @@ class Generator:
                      "decode": lambda: build_decode(self.cfg),
                      "forward": lambda: build_forward(self.cfg, loss=False, logits=True)}[kind]()
             if self.opt:
-                from graphc.runtime.programs import optimize
-
                 model = optimize(model, "infer")
-            prepared = self.backend.prepare(model)
-            prepared.bind(self.params.feeds())
-            self._programs[kind] = prepared
+            self._programs[kind] = prepare(model, self.params, self.backend_name)
         return self._programs[kind]
 
     # ------------------------------------------------------------------ public

@@ -30,16 +30,13 @@ def forward_graph(cfg: GPT2Config, *, loss: bool, logits: bool, opt: bool = True
 
 def training_graph(cfg: GPT2Config, *, opt: bool = True) -> onnx.ModelProto:
     """Forward with loss + backward: outputs ``loss`` and ``grad.<param>`` for every param."""
+    forward = build_forward(cfg, loss=True, logits=False)
+    if opt:
+        return optimize(forward, "train")  # the pipeline differentiates after fusing
     from graphc.models.params import param_specs
     from graphc.passes.autodiff import differentiate
 
-    wrt = [s.name for s in param_specs(cfg)]
-    if opt:
-        from graphc.passes.pipelines import optimize as run_pipeline
-
-        model, _ = run_pipeline(build_forward(cfg, loss=True, logits=False), "train")
-        return model
-    return differentiate(build_forward(cfg, loss=True, logits=False), "loss", wrt, keep_outputs=False)
+    return differentiate(forward, "loss", [s.name for s in param_specs(cfg)], keep_outputs=False)
 
 
 def prepare(model: onnx.ModelProto, params: Params, backend: str = "onnxruntime"):
