@@ -72,7 +72,7 @@ def test_reference_attributes_in_function_bodies_are_call_site_constants():
     m = make([helper.make_node("AddEps", ["x"], ["y"], domain="graphc", epsilon=1e-5)], [vi("x", [2, 4])],
              [vi("y", None)], functions=[fn])
     assert violations(m) == []
-    fn.node[1].op_type = "Unique"     # and the body is still checked
+    m.functions[0].node[1].op_type = "Unique"     # and the body is still checked
     assert any("AddEps" in p and "Unique" in p for p in violations(m))
 
 
