@@ -6,4 +6,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$ROOT/scripts/setup_env.sh" "test,plot"
 cd "$ROOT"
-exec python -m pytest -q "$@"
+exec python -m pytest -q -rs "$@"

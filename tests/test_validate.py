@@ -167,7 +167,6 @@ def test_tolerances_are_llmc_s():
     assert MAGIC == 20240327
 
 
-@pytest.mark.slow
 def test_d12_state_validates(capsys, tmp_path):
     params = random_init(named_config("d12"), 0)
     save_llmc(params, tmp_path / "d12.bin")
