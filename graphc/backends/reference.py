@@ -74,7 +74,9 @@ class ReferencePrepared(Prepared):
         self.initializers = {t.name: as_float(numpy_helper.to_array(t)) for t in g.initializer}
         self.input_names = [v.name for v in g.input]
         self.output_names = [v.name for v in g.output]
-        self.output_dtypes = {v.name: np_dtype(v.type.tensor_type.elem_type) for v in g.output}
+        # outputs without a declared type come back as computed (float64 for floats)
+        self.output_dtypes = {v.name: np_dtype(v.type.tensor_type.elem_type) for v in g.output
+                              if v.type.tensor_type.elem_type}
         self._bound: dict[str, np.ndarray] = {}
         self._dead = dead_after(g)
 
@@ -96,7 +98,7 @@ class ReferencePrepared(Prepared):
         results = {}
         for name in self.output_names:
             value = values[name]
-            if not self.keep_float64:
+            if not self.keep_float64 and name in self.output_dtypes:
                 value = np.asarray(value).astype(self.output_dtypes[name])
             if outputs and name in outputs:
                 np.copyto(outputs[name], value, casting="unsafe")

@@ -208,7 +208,7 @@ def slice_(attrs, x, starts, ends, axes=None, steps=None):
     steps = [1] * len(starts) if steps is None else steps
     index = [slice(None)] * x.ndim
     for a, s, e, st in zip(axes, starts, ends, steps):
-        index[a] = slice(*slice(int(s), int(e), int(st)).indices(x.shape[a]))
+        index[a] = slice(int(s), int(e), int(st))   # ONNX clamps starts/ends as Python does
     return x[tuple(index)]
 
 
