@@ -128,13 +128,21 @@ REFERENCE_BACKEND = "onnxruntime"
 """The backend ``backend=None`` means: the CPU reference executor."""
 
 
-def precision_passes(precision: str, backend: str | None = None) -> list[str]:
-    """The pass names ``precision`` adds for ``backend`` (None: the CPU reference)."""
+def precision_passes(precision: str, backend: str | None = None, *, emulate: bool | None = None) -> list[str]:
+    """The pass names ``precision`` adds for ``backend`` (None: the CPU reference).
+
+    ``emulate=False`` leaves the emulation out whatever the backend (``graphc compile``
+    and ``export`` show the bf16 graph itself); ``True`` asks for it on any backend.
+    """
     from graphc.precision import get_precision
 
     name = get_precision(precision).name
-    backend = backend or REFERENCE_BACKEND
-    return list(PRECISION_PASSES.get(f"{name}:{backend}", PRECISION_PASSES[name]))
+    names = list(PRECISION_PASSES.get(f"{name}:{backend or REFERENCE_BACKEND}", PRECISION_PASSES[name]))
+    if emulate is False:
+        names = [n for n in names if n != "emulate_bf16"]
+    elif emulate and names and "emulate_bf16" not in names:
+        names.append("emulate_bf16")
+    return names
 
 
 def pipeline_for(mode: str, backend: str | None = None) -> tuple[str, list[str]]:
@@ -155,7 +163,8 @@ def is_training_graph(model: onnx.ModelProto) -> bool:
 
 def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None = None,
              loss: str = "loss", wrt: list[str] | None = None, dump_dir: str | os.PathLike | None = None,
-             verify: bool = True, precision: str = "fp32") -> tuple[onnx.ModelProto, Report]:
+             verify: bool = True, precision: str = "fp32", emulate: bool | None = None,
+             ) -> tuple[onnx.ModelProto, Report]:
     """Optimise a graph for ``mode`` (``infer`` or ``train``); returns (model, report).
 
     ``train`` takes the forward graph with its ``loss`` output and returns the training
@@ -165,12 +174,13 @@ def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None
     the graph after every pass. ``precision`` (``fp32``, ``bf16``; see
     :mod:`graphc.precision`) appends its passes after the fusions: ``bf16`` rewrites the
     graph to BF16 mixed precision (float32 master parameters when training), followed,
-    for onnxruntime (``backend`` None or ``"onnxruntime"``), by its float32 emulation.
+    for onnxruntime (``backend`` None or ``"onnxruntime"``), by its float32 emulation
+    (``emulate`` overrides: see :func:`precision_passes`).
     """
     if mode == "train" and is_training_graph(model):
         mode = "train_graph"
     name, names = pipeline_for(mode, backend)
-    extra = precision_passes(precision, backend)
+    extra = precision_passes(precision, backend, emulate=emulate)
     if extra:
         names, name = names + extra, f"{name}+{precision}"
     passes = make_passes(names, Options(loss=loss, wrt=wrt, master_params=mode.startswith("train")))

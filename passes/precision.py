@@ -95,8 +95,8 @@ RULES: dict[tuple[str, str], Rule] = {
                                      fp32_inside="statistics"),
     (GRAPHC_DOMAIN, "AttentionGrad"): Rule(KERNEL, like=1, fp32_inside="softmax"),
     (GRAPHC_DOMAIN, "LayerNormGrad"): Rule(KERNEL, like=1, fp32_inside="statistics"),
-    (GRAPHC_DOMAIN, "GeluGrad"): Rule(KERNEL, like=1, fp32_inside="math"),
-    (GRAPHC_DOMAIN, "CrossEntropy"): Rule(KERNEL, fp32_outputs=(0,), fp32_inside="log-softmax, loss"),
+    (GRAPHC_DOMAIN, "GeluGrad"): Rule(KERNEL, like=1, fp32_inside="GELU backward"),
+    (GRAPHC_DOMAIN, "CrossEntropy"): Rule(KERNEL, fp32_outputs=(0,), fp32_inside="loss"),
     (GRAPHC_DOMAIN, "CrossEntropyGrad"): Rule(KERNEL, like=1, fp32_inside="softmax"),
     **{("", op): Rule(FOLLOW) for op in (
         "Add", "Sub", "Mul", "Div", "Neg", "Sum", "Max", "Min", "Where", "ReduceSum",
@@ -343,7 +343,7 @@ class PrecisionBF16:
                 fl = {i for i in range(len(n.input)) if (k, i) in plan.wants}
                 kernels.setdefault((n.domain, n.op_type), (fl, r))
             if r.fp32_inside:
-                inside[f"{n.op_type} {r.fp32_inside}"] += 1
+                inside[r.fp32_inside] += 1
             outs = [plan.dtype[o] for o in n.output if o in plan.dtype]
             if outs and n.op_type != "Constant":
                 bf16_ops += BF16 in outs

@@ -23,7 +23,7 @@ import torch
 from onnx import TensorProto, helper
 
 from graphc.errors import GraphcError
-from graphc.models.config import GPT2Config
+from graphc.models.config import GPT2Config, named_config
 from graphc.models.gpt2 import build_forward
 from graphc.models.kv_cache import build_decode
 from graphc.models.params import param_specs
@@ -220,3 +220,118 @@ def test_bf16_gradients_against_fp32_and_pytorch_bf16(train32):
         assert e_torch[t] < e_fp32[t] / 2, (t, e_torch[t], e_fp32[t])
     mean = lambda d: float(np.mean(list(d.values())))   # noqa: E731
     assert mean(e_torch) < mean(e_fp32) / 5, (mean(e_torch), mean(e_fp32))
+
+
+# ----------------------------------------------------------------------------- training
+def _train_losses(model: onnx.ModelProto, cfg, tokens: np.ndarray, B: int, T: int, steps: int, lr: float):
+    """llm.c's loop on onnxruntime: sequential batches, AdamW on the float32 master weights."""
+    from graphc.backends.onnxruntime import OnnxRuntimeBackend
+    from graphc.models.init import random_init
+    from graphc.runtime.optimizer import AdamW, AdamWConfig
+
+    params = random_init(cfg, 0)
+    grads = params.like()
+    prepared = OnnxRuntimeBackend().prepare(model)
+    prepared.bind(params.feeds())
+    adamw = AdamW(params.flat.size, AdamWConfig(lr=lr))
+    losses = []
+    for step in range(steps):
+        span = tokens[step * B * T: step * B * T + B * T + 1]
+        out = prepared.run({"tokens": span[:-1].reshape(B, T), "targets": span[1:].reshape(B, T)},
+                           outputs={grad_name(s.name): grads[s.name] for s in params.specs})
+        losses.append(float(out["loss"]))
+        adamw.step(params.flat, grads.flat, step + 1, lr)
+    return np.array(losses)
+
+
+@pytest.mark.slow
+def test_bf16_training_tracks_fp32(tiny_shards, train32):
+    """41 steps of L2H2C64 on Tiny Shakespeare at lr 1e-3 (loss 10.8 -> 7.9): emulated bf16
+    losses within 3e-2 of fp32 (measured: 2.1e-3 at most). ~20 s of CPU, hence slow."""
+    from graphc.data.shards import read_shard
+
+    tokens = read_shard(tiny_shards.train_path).astype(np.int64)
+    emulated, _ = optimize(build_forward(SMALL, loss=True, logits=False), "train", precision="bf16")
+    B, T, steps, lr = 4, 64, 41, 1e-3
+    fp32 = _train_losses(train32, SMALL, tokens, B, T, steps, lr)
+    bf16 = _train_losses(emulated, SMALL, tokens, B, T, steps, lr)
+    assert fp32[-1] < fp32[0] - 2.0                       # it learns
+    diff = np.abs(bf16 - fp32)
+    assert diff.max() < 3e-2, diff
+    assert diff.max() > 1e-4                              # and the bf16 run is not the fp32 one
+
+
+# ----------------------------------------------------------------------------- command line
+ORT_CPU_LACKS_BF16 = {"Add", "Mul", "Where", "Gemm", "MatMul", "Attention", "Gelu"}
+"""Ops of the bf16 export that onnxruntime 1.32's CPU provider has no bf16 kernel for
+(measured one op at a time; Gather, Slice, Reshape, Transpose, Split, Concat, Cast and
+LayerNormalization do have one)."""
+
+
+def test_compile_bf16_report_and_dump(capsys, tmp_path):
+    from graphc.cli.main import main
+
+    assert main(["compile", "--model", "L1H2C32", "--mode", "train", "--precision", "bf16",
+                 "-b", "2", "-t", "16", "--dump", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "precision_bf16" in x)
+    assert "casts=32" in line                     # 16 parameters in, 16 gradients out
+    assert "fp32_kept=loss, grad.* x16, master params x16" in line
+    assert "fp32_inside=statistics x6, softmax x3, loss x1" in line   # LN fwd+bwd; attention fwd+bwd, CE grad
+    assert "emulate_bf16" not in out              # compile shows the bf16 graph itself
+    listing = (tmp_path / "d" / "17_precision_bf16.txt").read_text()
+    assert "Cast(h0.mlp.fc.w) -> h0.mlp.fc.w/bf16" in listing
+    assert "input  h0.mlp.fc.w: float32" in listing and "output grad.h0.mlp.fc.w: float32" in listing
+    assert onnx.load(str(tmp_path / "d" / "17_precision_bf16.onnx")).graph.node
+
+    assert main(["compile", "--model", "L1H2C32", "--mode", "infer", "--precision", "bf16", "--json"]) == 0
+    d = __import__("json").loads(capsys.readouterr().out)
+    assert d["precision"] == "bf16" and d["passes"][-1]["name"] == "precision_bf16"
+    assert d["passes"][-1]["stats"]["casts"] == 1  # the logits, to float32
+    with pytest.raises(SystemExit):
+        main(["compile", "--model", "L1H2C32", "--mode", "infer", "--precision", "fp8"])
+
+
+def test_export_bf16(tmp_path, capsys):
+    """A bf16 ONNX model: bf16 weight initializers, checker-clean, TensorRT's op set; its
+    float32 emulation on onnxruntime gives PyTorch-bf16 logits."""
+    import onnxruntime as ort
+
+    from graphc.cli.main import main
+    from graphc.models.init import random_init
+    from trt_ops import assert_trt_compatible
+
+    cfg = named_config("L2H2C64")
+    path = tmp_path / "m.onnx"
+    assert main(["export", "--model", "L2H2C64", "--out", str(path), "--precision", "bf16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert_trt_compatible(model, "bf16 export")
+    weights = [t for t in model.graph.initializer if t.name in {s.name for s in param_specs(cfg)}]
+    assert len(weights) == len(param_specs(cfg)) and all(t.data_type == BF16 for t in weights)
+    assert [v.type.tensor_type.elem_type for v in model.graph.output] == [FP32]
+    # onnxruntime loads it only if its CPU has every bf16 kernel; 1.32 lacks some: say which
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime's NOT_IMPLEMENTED names the op
+        assert "NOT_IMPLEMENTED" in str(e) and any(f"implementation for {op}(" in str(e) for op in ORT_CPU_LACKS_BF16), e
+    tokens, _ = random_batch(cfg, 2, 16)
+    emulated = run_onnxruntime(emulate_bf16(model), {"input_ids": tokens})["logits"]
+    with torch.no_grad():
+        ref = TorchGPT2(random_init(cfg, 0), compute=torch.bfloat16)(torch.from_numpy(tokens))[0].float().numpy()
+        ref32 = TorchGPT2(random_init(cfg, 0))(torch.from_numpy(tokens))[0].numpy()
+    assert rel_err(emulated, ref) < 2e-4 and U_BF16 / 4 < rel_err(emulated, ref32) < 4 * U_BF16   # 1.7e-5, 5.8e-3
+
+
+def test_export_bf16_kv_cache_and_bad_flags(tmp_path, capsys):
+    from graphc.cli.main import main
+
+    path = tmp_path / "kv.onnx"
+    assert main(["export", "--model", "L1H2C32", "--out", str(path), "--precision", "bf16", "--kv-cache"]) == 0
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert elem["past_key_values.0.key"] == BF16 and elem["present.0.value"] == BF16 and elem["logits"] == FP32
+    assert main(["export", "--model", "L1H2C32", "--weights-only", str(tmp_path / "w"), "--precision", "bf16"]) == 2
+    assert capsys.readouterr().err.startswith("error: --weights-only: ")

@@ -22,6 +22,14 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-opt", action="store_true", help="run the unoptimised graphs (no fusion passes)")
 
 
+def add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+    """``--precision fp32|bf16`` (graphc.precision.PRECISIONS), default fp32."""
+    from graphc.precision import PRECISIONS
+
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="compute precision (default fp32)" + (f"; {what}" if what else ""))
+
+
 def int_at_least(name: str, minimum: int):
     """An argparse type: an integer >= ``minimum``, with a message naming the flag."""
 
