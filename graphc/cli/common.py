@@ -26,6 +26,14 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "in FP32 with values rounded to bf16 where the BF16 graph holds them (default fp32)")
 
 
+def add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+    """``--precision fp32|bf16`` (graphc.precision.PRECISIONS), default fp32."""
+    from graphc.precision import PRECISIONS
+
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="compute precision (default fp32)" + (f"; {what}" if what else ""))
+
+
 def int_at_least(name: str, minimum: int):
     """An argparse type: an integer >= ``minimum``, with a message naming the flag."""
 
