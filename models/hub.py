@@ -26,7 +26,6 @@ A name that means "pretrained" never falls back to random weights: failures are 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -267,8 +266,7 @@ def _commit(remote: _Remote) -> None:
     pointer = remote.storage / "snapshots" / remote.commit / remote.name
     pointer.parent.mkdir(parents=True, exist_ok=True)
     tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.link")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    tmp.unlink(missing_ok=True)
     os.symlink(os.path.relpath(remote.blob, pointer.parent), tmp)
     os.replace(tmp, pointer)
 

@@ -20,11 +20,9 @@ import pytest
 from graphc.cli.main import main
 from graphc.errors import GraphcError
 from graphc.models.config import GPT2Config
-from graphc.models.hf import hf_config, hf_tensors
 from graphc.models.hub import UNREACHABLE, HubRef, parse_hub_spec
 from graphc.models.init import random_init
 from graphc.models.load import load_model
-from graphc.models.safetensors_io import write_safetensors
 from helpers import random_batch, rel_err
 from hub_server import git_blob_sha1, serve_hub
 
@@ -248,6 +246,8 @@ def test_prepare_writes_the_llmc_starter_pack(hub, tmp_path):
     out = tmp_path / "pack"
     if not TINYSHAKESPEARE.exists():
         pytest.skip("shared Tiny Shakespeare not available")
+    bad = ["prepare", "--model", "hf:graphc-test/missing", "--input", str(TINYSHAKESPEARE), "--out", str(out)]
+    assert main(bad) == 2 and not out.exists()  # the model is resolved before anything is written
     assert main(["prepare", "--model", f"hf:{REPO}", "--input", str(TINYSHAKESPEARE), "--out", str(out)]) == 0
     label = "gpt2_%dK" % round(params.flat.size / 1e3)  # llm.c names files by parameter count
     fp32, bf16 = load_llmc(out / f"{label}.bin"), load_llmc(out / f"{label}_bf16.bin")
