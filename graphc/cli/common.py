@@ -11,8 +11,9 @@ from graphc.models.config import GPT2Config
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="llm.c .bin, HF model.safetensors (file or folder), or a size name "
-                        "(d12, gpt2-medium, L4H4C128) for a seeded random init")
+                   help="llm.c .bin, HF model.safetensors (file or folder), a pretrained model "
+                        "(gpt2, gpt2-medium, gpt2-large, gpt2-xl, ORG/NAME, hf:ORG/NAME[@REV]: Hugging Face "
+                        "cache, else downloaded), or a size for a seeded random init (d12, d24, d36, d48, L4H4C128)")
     p.add_argument("--seed", type=int, default=0, help="seed for random init and sampling (default 0)")
 
 
