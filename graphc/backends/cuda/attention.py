@@ -138,6 +138,7 @@ def default_handle():
 def _build_with_cudnn_engines(cudnn, graph, what: str) -> int:
     """Plan ``graph`` and build the first of cuDNN's own plans that builds (heuristics A,
     then FALLBACK), skipping cudnn-frontend's Python engines; returns its index."""
+    from cudnn.engines.base import decline_types
     from cudnn.engines.engine_ids import is_python_engine
 
     graph.build_operation_graph()
@@ -147,11 +148,14 @@ def _build_with_cudnn_engines(cudnn, graph, what: str) -> int:
         if is_python_engine(plan.engine_id):
             continue
         try:
+            graph.select_plan(index)
+            graph.check_support()
             graph.build_plan_at_index(index)
             return index
-        except cudnn.cudnnGraphNotSupportedError as e:
+        except decline_types() as e:
             declined.append(f"[{index}] {e}")
-    raise RuntimeError(f"cuDNN has no plan for {what}: " + ("; ".join(declined) or "no cuDNN engine proposed one"))
+    engines = [plan.engine_id for plan in graph.plans]
+    raise RuntimeError(f"cuDNN has no plan for {what}: " + ("; ".join(declined) or f"no cuDNN engine among {engines}"))
 
 
 class SdpaGraph:
