@@ -7,7 +7,11 @@ fp32 and bf16) and for cuDNN's SDPA forward and backward (B16 H12 T1024 D64, bf1
 strided views of the packed qkv buffer, O and dO [B, T, H, D]), and for small odd shapes:
 
 * correctness against PyTorch in float64 on the same (rounded) inputs, outputs poisoned with
-  NaN first: ||out - ref|| / ||ref|| <= 1e-5 (fp32 outputs), <= 1e-2 (bf16 outputs);
+  NaN first: ||out - ref|| / ||ref|| <= 1e-5 for fp32 GEMMs, <= 1e-2 for bf16 ones (the
+  dtype the products are formed in: a bf16 GEMM landing in fp32, like the weight gradients,
+  is a bf16 tensor-core GEMM, whose fp32 accumulation is not IEEE fp32 summation; its
+  measured error is printed all the same) and for cuDNN's bf16 attention (O, dQ, dK, dV and
+  the fp32 softmax stats it computes from bf16 inputs);
 * determinism: a second run is bit-identical;
 * CUDA-graph capture: the plan captured with ``torch.cuda.graph`` and replayed gives the same
   bits (torch is used only here, in the check: the plans take raw pointers and a stream);
@@ -74,6 +78,18 @@ def cuda_time_ms(fn, stream: torch.cuda.Stream, iters: int, warmup: int = 3) -> 
         end.record(stream)
     end.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def host_us(fn, stream: torch.cuda.Stream, calls: int = 20) -> float:
+    """Host time to enqueue one call (the GPU work is synchronised after, not timed)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.cuda.stream(stream):
+        for _ in range(calls):
+            fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def replay_bits(fn, outputs: list[torch.Tensor], reset, stream: torch.cuda.Stream) -> list[torch.Tensor]:
@@ -199,23 +215,16 @@ def gemm_case(name: str, kind: str, M: int, N: int, K: int, dtype: str, epilogue
         return [bits(t) for t in written]
 
     first = run_once()
-    errors = {k: (rel(outputs[k], ref), "fp32" if outputs[k].dtype == torch.float32 else dtype)
-              for k, ref in refs.items()}
+    errors = {k: (rel(outputs[k], ref), dtype) for k, ref in refs.items()}
     second = run_once()
     replayed = replay_bits(run, written, reset, stream)
     status = check(f"{name} {dtype}", errors, same_bits(first, second), same_bits(first, replayed))
     reset()
     ms = cuda_time_ms(run, stream, iters)
     torch_ms = cuda_time_ms(torch_fn, stream, iters)
-    t0 = time.perf_counter()
-    with torch.cuda.stream(stream):
-        for _ in range(20):
-            run()
-    host_us = (time.perf_counter() - t0) / 20 * 1e6
-    torch.cuda.synchronize()
     ROWS.append(dict(case=name, dtype=dtype, shape=f"{spec.m}x{spec.n}x{spec.k}", epilogue=epilogue + (" beta=1" if beta else ""),
                      errors={k: v for k, (v, _) in errors.items()}, status=status, ms=ms, tflops=spec.flops / ms / 1e9,
-                     torch_ms=torch_ms, speedup=torch_ms / ms, host_us=host_us, workspace=plan.workspace_size))
+                     torch_ms=torch_ms, speedup=torch_ms / ms, host_us=host_us(run, stream), workspace=plan.workspace_size))
 
 
 def gelu_ref(x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +247,11 @@ def gemm_cases(M: int, C: int, iters: int):
         ("fc dW+dbias", "dw", M, 4 * C, C, "bgrad_a", 1.0),
         ("fc proj dW+dbias", "dw", M, C, 4 * C, "bgrad_a", 1.0),
         ("fc proj dW", "dw", M, C, 4 * C, "default", 0.0),
-    ]
+    ] + ([] if M < 1024 else [  # the tied lm head, vocabulary padded to 50304 as llm.c does
+        ("lm head fwd", "fwd", M, 50304, C, "default", 0.0),
+        ("lm head dx", "dx", M, 50304, C, "default", 0.0),
+        ("lm head dW (wte, accumulated)", "dw", M, 50304, C, "default", 1.0),
+    ])
 
 
 # --- SDPA ---------------------------------------------------------------------------------
@@ -283,7 +296,7 @@ def sdpa_case(B: int, H: int, T: int, D: int, stream, iters: int) -> None:
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     ref_o = torch.softmax(scores, dim=-1) @ vd
     grads = torch.autograd.grad(ref_o, (qd, kd, vd), dout.transpose(1, 2).double())
-    errors = {"O": (rel(o.transpose(1, 2), ref_o.detach()), "bf16"), "stats": (rel(stats, lse.detach()), "fp32")}
+    errors = {"O": (rel(o.transpose(1, 2), ref_o.detach()), "bf16"), "stats": (rel(stats, lse.detach()), "bf16")}
     for j, gname in enumerate(("dQ", "dK", "dV")):
         errors[gname] = (rel(dqkv[:, :, j].transpose(1, 2), grads[j]), "bf16")
     del qd, kd, vd, scores, lse, ref_o, grads
@@ -313,21 +326,23 @@ def sdpa_case(B: int, H: int, T: int, D: int, stream, iters: int) -> None:
     shape = f"B{B} H{H} T{T} D{D}"
     common = dict(dtype="bf16", shape=shape, status=status, errors={k: v for k, (v, _) in errors.items()})
     ROWS.append(dict(case="sdpa fwd", epilogue="causal, stats", ms=fwd_ms, tflops=flops / fwd_ms / 1e9, torch_ms=torch_fwd_ms,
-                     speedup=torch_fwd_ms / fwd_ms, workspace=fwd.workspace_size, plan=fwd.plan_name, **common))
+                     speedup=torch_fwd_ms / fwd_ms, workspace=fwd.workspace_size, plan=fwd.plan_name,
+                     host_us=host_us(run_fwd, stream), **common))
     ROWS.append(dict(case="sdpa bwd", epilogue="deterministic", ms=bwd_ms, tflops=2.5 * flops / bwd_ms / 1e9,
                      torch_ms=torch_bwd_ms, speedup=torch_bwd_ms / bwd_ms, workspace=bwd.workspace_size,
-                     plan=bwd.plan_name, **common))
+                     plan=bwd.plan_name, host_us=host_us(run_bwd, stream), **common))
 
 
 # --- report -------------------------------------------------------------------------------
 
 def table() -> str:
-    head = "| case | dtype | shape (m x n x k) | epilogue | max rel err | checks | ms | TFLOP/s | torch ms | vs torch |"
-    lines = [head, "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    head = ("| case | dtype | shape (m x n x k) | epilogue | rel err vs fp64 | checks | ms | TFLOP/s | torch ms | "
+            "vs torch | host us/call |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in ROWS:
         errs = ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
         lines.append(f"| {r['case']} | {r['dtype']} | {r['shape']} | {r['epilogue']} | {errs} | {r['status']} | "
-                     f"{r['ms']:.3f} | {r['tflops']:.0f} | {r['torch_ms']:.3f} | {r['speedup']:.2f}x |")
+                     f"{r['ms']:.3f} | {r['tflops']:.0f} | {r['torch_ms']:.3f} | {r['speedup']:.2f}x | {r['host_us']:.0f} |")
     return "\n".join(lines)
 
 
@@ -349,7 +364,7 @@ def main(argv=None) -> int:
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, cuBLASLt {cublasLt.get_version()}, "
           f"cuDNN {cudnn.backend_version_string()}, cudnn-frontend {cudnn.__version__}", flush=True)
     stream = torch.cuda.Stream()
-    shapes = [(40, 24), (16384, 768)] if not args.quick else [(40, 24)]
+    shapes = [(37, 24), (16384, 768)] if not args.quick else [(37, 24)]
     for M, C in shapes:
         for dtype in ("fp32", "bf16"):
             for name, kind, m, n, k, epilogue, beta in gemm_cases(M, C, args.iters):
@@ -374,9 +389,6 @@ def main(argv=None) -> int:
             FAILURES.append(f"sdpa B{B} H{H} T{T} D{D}: {type(e).__name__}: {e}")
     text = table()
     print(text)
-    host = [r["host_us"] for r in ROWS if "host_us" in r]
-    if host:
-        print(f"host time per GemmPlan.run: median {sorted(host)[len(host) // 2]:.1f} us")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_libcheck.md").write_text(text + "\n")

@@ -260,13 +260,16 @@ class GemmPlan:
         self._set_desc(D.TRANSB, CUBLAS_OP_T if p.trans_b else CUBLAS_OP_N)
         self._set_desc(D.EPILOGUE, int(getattr(lt.Epilogue, p.epilogue)))
         kind = EPILOGUES[spec.epilogue]
+        # The epilogue pointers live in the descriptor: set to any aligned non-null address for
+        # the heuristic, then at run time only when they change.
+        self._pointers = {D.BIAS_POINTER: None, D.EPILOGUE_AUX_POINTER: None}
         if kind.bias is not None:
             if p.bias_dtype != p.d.dtype:
                 self._set_desc(D.BIAS_DATA_TYPE, CUDA_DATA_TYPE[p.bias_dtype])
-            self._set_desc(D.BIAS_POINTER, 256)  # any aligned non-null address, for the heuristic
+            self._set_pointer(D.BIAS_POINTER, 256)
         if kind.aux is not None:
             self._set_desc(D.EPILOGUE_AUX_LD, p.aux_ld)
-            self._set_desc(D.EPILOGUE_AUX_POINTER, 256)
+            self._set_pointer(D.EPILOGUE_AUX_POINTER, 256)
         P = lt.MatmulPreferenceAttribute
         self._set_pref(P.MAX_WORKSPACE_BYTES, max_workspace)
         for attr in (P.MIN_ALIGNMENT_A_BYTES, P.MIN_ALIGNMENT_B_BYTES, P.MIN_ALIGNMENT_C_BYTES,
@@ -289,6 +292,11 @@ class GemmPlan:
     def _set_desc(self, attr, value) -> None:
         lt = self._lt
         _set_attribute(lt, lt.matmul_desc_set_attribute, lt.get_matmul_desc_attribute_dtype, self._desc, attr, value)
+
+    def _set_pointer(self, attr, ptr: int) -> None:
+        if self._pointers[attr] != ptr:
+            self._set_desc(attr, ptr)
+            self._pointers[attr] = ptr
 
     def _set_pref(self, attr, value) -> None:
         lt = self._lt
@@ -315,9 +323,9 @@ class GemmPlan:
                 raise ValueError(f"{name}_ptr {ptr:#x} is not aligned to {self.spec.alignment} bytes")
         D = self._lt.MatmulDescAttribute
         if bias_ptr is not None:
-            self._set_desc(D.BIAS_POINTER, bias_ptr)
+            self._set_pointer(D.BIAS_POINTER, bias_ptr)
         if aux_ptr is not None:
-            self._set_desc(D.EPILOGUE_AUX_POINTER, aux_ptr)
+            self._set_pointer(D.EPILOGUE_AUX_POINTER, aux_ptr)
         self._scalars[0], self._scalars[1] = alpha, beta
         s = self._scalars.ctypes.data
         pa, pb, pc, pd = self._layouts
