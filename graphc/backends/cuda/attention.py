@@ -28,6 +28,11 @@ taking the first plan of cuDNN's heuristics that builds; the backward asks for c
 deterministic algorithm (``use_deterministic_algorithm``: no atomics in dQ). ``run`` sets
 the handle's stream and calls ``graph.execute`` with raw device pointers and the caller's
 workspace: no allocation, no synchronisation, capturable in a CUDA graph.
+
+Measured on the H200 (``bench/GPU_LIBS.md``, cuDNN 9.19, B16 H12 T1024 D64): forward ~0.09 ms,
+deterministic backward 0.32 ms; the stats are the natural-log log-sum-exp of each row. One
+``run`` costs ~100-140 us of host time in cudnn-frontend's Python ``execute``, as much as the
+forward's GPU time: call it eagerly only to capture it in a CUDA graph.
 """
 
 from __future__ import annotations
