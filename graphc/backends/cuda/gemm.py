@@ -16,7 +16,9 @@ the matmul descriptor, the four matrix layouts and the algorithm cuBLASLt's heur
 first, chosen once, so every run uses the same kernel (deterministic: the checks in
 ``bench/gpu_libcheck.py`` compare two runs bit for bit). ``run`` only sets the epilogue
 pointers on the descriptor and enqueues ``cublasLtMatmul`` on ``stream``: no allocation, no
-synchronisation, so it can be captured in a CUDA graph (the workspace is the caller's).
+synchronisation, so it can be captured in a CUDA graph (the workspace is the caller's). All
+pointers are read when ``run`` enqueues, so one plan can be captured many times in one graph
+with different buffers (GPT-2's 12 layers share 8 plans) and the same workspace on one stream.
 
 Row-major contract
 ------------------
@@ -240,7 +242,7 @@ def default_handle() -> int:
     return _HANDLE[0]
 
 
-def _set_attribute(lt, setter, dtype_of, obj: int, attr, value) -> None:
+def _set_attribute(setter, dtype_of, obj: int, attr, value) -> None:
     """Set one descriptor attribute from a Python value, typed as cuBLASLt declares it."""
     buf = np.asarray(value, dtype=dtype_of(attr)).reshape(1)
     setter(obj, attr, buf.ctypes.data, buf.itemsize)
@@ -297,7 +299,7 @@ class GemmPlan:
 
     def _set_desc(self, attr, value) -> None:
         lt = self._lt
-        _set_attribute(lt, lt.matmul_desc_set_attribute, lt.get_matmul_desc_attribute_dtype, self._desc, attr, value)
+        _set_attribute(lt.matmul_desc_set_attribute, lt.get_matmul_desc_attribute_dtype, self._desc, attr, value)
 
     def _set_pointer(self, attr, ptr: int) -> None:
         if self._pointers[attr] != ptr:
@@ -306,7 +308,7 @@ class GemmPlan:
 
     def _set_pref(self, attr, value) -> None:
         lt = self._lt
-        _set_attribute(lt, lt.matmul_preference_set_attribute, lt.get_matmul_preference_attribute_dtype,
+        _set_attribute(lt.matmul_preference_set_attribute, lt.get_matmul_preference_attribute_dtype,
                        self._pref, attr, value)
 
     def run(self, stream: int, a_ptr: int, b_ptr: int, c_ptr: int | None, d_ptr: int, *,
