@@ -10,6 +10,7 @@ is the full device check and benchmark.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import numpy as np
@@ -261,6 +262,60 @@ def test_sdpa_graph_describes_every_operand(backward):
         assert t[name].get_dim() == [2, 3, 16, 1 if name == "stats" else 8], name
         f32 = name == "stats"
         assert t[name].get_data_type() == (cudnn.data_type.FLOAT if f32 else cudnn.data_type.BFLOAT16), name
+
+
+class RecordingCublasLt:
+    """Stands in for nvmath.bindings.cublasLt (its enums are the real ones): records calls."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+        for name in ("MatmulDescAttribute", "MatmulPreferenceAttribute", "Epilogue", "MatmulHeuristicResult",
+                     "get_matmul_desc_attribute_dtype", "get_matmul_preference_attribute_dtype"):
+            setattr(self, name, getattr(real, name))
+
+    def __getattr__(self, name):  # create/destroy and friends: record, return a fake handle
+        return lambda *args: self.calls.append((name, args)) or 7
+
+    def matrix_layout_create(self, *args):
+        self.calls.append(("layout", args))
+        return 100 + len([c for c in self.calls if c[0] == "layout"])  # 101..104: A, B, C, D
+
+    def matmul_desc_set_attribute(self, desc, attr, buf, size):
+        value = np.frombuffer(np.ctypeslib.as_array((ctypes.c_byte * size).from_address(buf)).tobytes(),
+                              dtype=self.real.get_matmul_desc_attribute_dtype(attr))[0]
+        self.calls.append(("desc", attr.name, int(value)))
+
+    def matmul_algo_get_heuristic(self, *args):
+        requested, results, found = args[-3:]
+        two = self.real.MatmulHeuristicResult(2)
+        ctypes.memset(results, 0, requested * (two[1].ptr - two.ptr))  # workspace_size 0
+        ctypes.c_int32.from_address(found).value = 1  # one algorithm found
+
+
+def test_gemm_plan_calls_cublaslt_with_the_operands_swapped(monkeypatch):
+    """Without a GPU: the plan's cuBLASLt calls, recorded. Our A (x) is cuBLASLt's B and our B
+    (W) its A; epilogue pointers are set when they change, not on every run."""
+    lt = RecordingCublasLt(pytest.importorskip("nvmath.bindings.cublasLt"))
+    monkeypatch.setattr(gemm, "_cublaslt", lambda: lt)
+    plan = gemm.GemmPlan(gemm.linear_forward(64, 96, 32, "bf16", epilogue="gelu_aux_bias"), handle=5)
+    layouts = [c[1] for c in lt.calls if c[0] == "layout"]
+    assert layouts == [(14, 32, 96, 32), (14, 32, 64, 32), (14, 96, 64, 96), (14, 96, 64, 96)]
+    desc = {c[1]: c[2] for c in lt.calls if c[0] == "desc"}
+    assert desc["TRANSA"] == 1 and desc["TRANSB"] == 0 and desc["EPILOGUE_AUX_LD"] == 96
+    assert desc["EPILOGUE"] == int(lt.Epilogue.GELU_AUX_BIAS)
+    for bias in (2048, 2048, 4096):
+        plan.run(9, 256, 512, None, 1024, bias_ptr=bias, aux_ptr=8192, workspace_ptr=0, workspace_size=0)
+    matmuls = [c[1] for c in lt.calls if c[0] == "matmul"]
+    assert len(matmuls) == 3
+    handle, _, alpha, a, la, b, lb, beta, c, lc, d, ld, _, _, _, stream = matmuls[0]
+    assert (handle, a, la, b, lb, c, lc, d, ld, stream) == (5, 512, 101, 256, 102, 1024, 103, 1024, 104, 9)
+    assert beta == alpha + 4
+    bias_sets = [c[2] for c in lt.calls if c[:2] == ("desc", "BIAS_POINTER")]
+    assert bias_sets == [256, 2048, 4096]  # the heuristic's placeholder, then only the changes
+    with pytest.raises(ValueError, match="aligned"):
+        plan.run(9, 258, 512, None, 1024, bias_ptr=2048, aux_ptr=8192, workspace_ptr=0, workspace_size=0)
+    with pytest.raises(ValueError, match="aux_ptr is required"):
+        plan.run(9, 256, 512, None, 1024, bias_ptr=2048, workspace_ptr=0, workspace_size=0)
 
 
 # --- device tests (-m gpu): the real plans against PyTorch ----------------------------------
