@@ -14,7 +14,7 @@ optimised forward with logits and loss), ``train`` (the training graph: loss and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -161,29 +161,40 @@ def compare(runs: Sequence[Run], feeds: Mapping[str, np.ndarray], *, dtype: str 
     ``outputs`` (default: every output of the first run) are compared by name; a run
     missing one fails it. ``dtype`` picks the tolerance (:data:`TOLERANCES`).
     """
-    if len(runs) < 2:
-        raise GraphcError(None, f"need at least two runs to compare, got {len(runs)}", "--backends")
-    tol = tolerance(dtype)
     results = [run_model(r.model, feeds, r.backend, **r.options) for r in runs]
+    return compare_results([r.label for r in runs], results, dtype=dtype, outputs=outputs)
+
+
+def compare_results(labels: Sequence[str], results: Sequence[Mapping[str, np.ndarray]], *, dtype: str = "float32",
+                    outputs: Sequence[str] | None = None) -> Comparison:
+    """Each later result against the first, output by output (default: all of the first's)."""
+    if len(results) < 2:
+        raise GraphcError(None, f"need at least two runs to compare, got {len(results)}", "--backends")
+    tol = tolerance(dtype)
     names = list(outputs) if outputs is not None else list(results[0])
-    result = Comparison(runs[0].label, tol)
-    for run, out in zip(runs[1:], results[1:]):
+    result = Comparison(labels[0], tol)
+    for label, out in zip(labels[1:], results[1:]):
         for name in names:
             if name not in out:
-                result.diffs.append(OutputDiff(name, run.label, float("inf"), float("inf"), False, "missing"))
+                result.diffs.append(OutputDiff(name, label, float("inf"), float("inf"), False, "missing"))
                 continue
-            result.diffs.append(diff(name, run.label, out[name], results[0][name], tol))
+            result.diffs.append(diff(name, label, out[name], results[0][name], tol))
     return result
 
 
 # ----------------------------------------------------------------------------- GPT-2 cases
+GraphFn = Callable[..., onnx.ModelProto]
+
+
 @dataclass
 class Case:
-    """A GPT-2 graph of one mode with its feeds (parameters included) and what to compare."""
+    """A GPT-2 step of one mode: ``graph(backend=, precision=, opt=)`` builds the graph a
+    backend runs (optimised, legalised, rewritten for the precision), ``feeds`` are the
+    shared inputs (parameters included), ``outputs`` what to compare (None: all)."""
 
-    model: onnx.ModelProto
+    graph: GraphFn
     feeds: dict[str, np.ndarray]
-    outputs: list[str]
+    outputs: list[str] | None = None
 
 
 def _batch(cfg, B: int, T: int, rng) -> dict[str, np.ndarray]:
@@ -191,37 +202,37 @@ def _batch(cfg, B: int, T: int, rng) -> dict[str, np.ndarray]:
             "targets": rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int64)}
 
 
-def infer_case(params, B: int, T: int, *, opt: bool = True, seed: int = 0) -> Case:
-    """The (optimised) forward graph: logits and loss of a random batch."""
+def infer_case(params, B: int, T: int, *, seed: int = 0) -> Case:
+    """The forward graph ``graphc eval`` runs: logits and loss of a random batch."""
     from graphc.runtime.programs import forward_graph
 
-    model = forward_graph(params.cfg, loss=True, logits=True, opt=opt)
-    return Case(model, {**_batch(params.cfg, B, T, np.random.default_rng(seed)), **params.feeds()},
-                ["logits", "loss"])
+    def graph(**how):
+        return forward_graph(params.cfg, loss=True, logits=True, **how)
+
+    return Case(graph, {**_batch(params.cfg, B, T, np.random.default_rng(seed)), **params.feeds()})
 
 
-def train_case(params, B: int, T: int, *, opt: bool = True, seed: int = 0) -> Case:
+def train_case(params, B: int, T: int, *, seed: int = 0) -> Case:
     """The training graph ``graphc train`` runs: the loss and every ``grad.*``."""
     from graphc.runtime.programs import training_graph
 
-    model = training_graph(params.cfg, opt=opt)
-    return Case(model, {**_batch(params.cfg, B, T, np.random.default_rng(seed)), **params.feeds()},
-                [o.name for o in model.graph.output])
+    def graph(**how):
+        return training_graph(params.cfg, **how)
+
+    return Case(graph, {**_batch(params.cfg, B, T, np.random.default_rng(seed)), **params.feeds()})
 
 
-def decode_case(params, B: int, T: int, *, opt: bool = True, seed: int = 0) -> Case:
+def decode_case(params, B: int, T: int, *, seed: int = 0) -> Case:
     """One KV-cache decode step: a cache of capacity T filled (random K/V, N(0, 1)) up to each
     sequence's own past length in [T/2, T-1], one new token per sequence; compares the
     logits and every updated cache."""
     from graphc.models.kv_cache import build_decode, cache_shape, past_name
-    from graphc.runtime.programs import optimize
+    from graphc.runtime.programs import compile_graph
 
     cfg = params.cfg
     if T < 2:
         raise GraphcError("-t", f"decode needs a cache of at least 2 slots, got {T}", "T")
     rng = np.random.default_rng(seed)
-    model = build_decode(cfg)
-    model = optimize(model, "infer") if opt else model
     past_len = rng.integers(T // 2, T, size=B, dtype=np.int64)
     feeds = {"tokens": rng.integers(0, cfg.vocab_size, (B, 1), dtype=np.int64), "past_len": past_len}
     filled = np.arange(T)[None, None, :, None] < past_len[:, None, None, None]   # [B, 1, T, 1]
@@ -229,32 +240,45 @@ def decode_case(params, B: int, T: int, *, opt: bool = True, seed: int = 0) -> C
         for kind in ("key", "value"):
             cache = rng.standard_normal(cache_shape(cfg, B, T)).astype(np.float32)
             feeds[past_name(layer, kind)] = np.where(filled, cache, np.float32(0))
-    return Case(model, {**feeds, **params.feeds()}, [o.name for o in model.graph.output])
+
+    def graph(**how):
+        return compile_graph(build_decode(cfg), "infer", **how)
+
+    return Case(graph, {**feeds, **params.feeds()})
 
 
 MODES = {"infer": infer_case, "train": train_case, "decode": decode_case}
-"""``--mode`` -> the case builder ``(params, B, T, *, opt, seed) -> Case``."""
-
-COMPUTE_DTYPES = {"fp32": "float32"}
-"""``--precision`` -> the compute dtype whose tolerance applies. ``bf16`` joins when
-BF16 mixed precision (``graphc.passes.precision``) lands: onnxruntime then runs its
-``emulate_bf16`` graph."""
+"""``--mode`` -> the case builder ``(params, B, T, *, seed) -> Case``."""
 
 
-def compute_dtype(precision: str) -> str:
-    if precision not in COMPUTE_DTYPES:
-        why = ("BF16 mixed precision (graphc.passes.precision) is not in this checkout yet"
-               if precision == "bf16" else f"unknown precision (known: {', '.join(COMPUTE_DTYPES)})")
-        raise GraphcError(precision, why, "--precision")
-    return COMPUTE_DTYPES[precision]
+def feeds_for(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` in the dtypes ``model`` declares (a BF16 inference graph takes bfloat16
+    parameters and caches): the same values for every backend, rounded where a graph says so."""
+    from graphc.ir.builder import np_dtype
+
+    out = {}
+    for v in model.graph.input:
+        if v.name in feeds:
+            want = np_dtype(v.type.tensor_type.elem_type)
+            out[v.name] = feeds[v.name] if feeds[v.name].dtype == want else feeds[v.name].astype(want)
+    return out
 
 
 def compare_gpt2(params, mode: str, backends: Sequence[str], *, B: int = 2, T: int = 32,
                  precision: str = "fp32", opt: bool = True, seed: int = 0) -> Comparison:
-    """``graphc compare``: the ``mode`` case of ``params`` on every backend, against the first."""
-    dtype = compute_dtype(precision)
+    """``graphc compare``: the ``mode`` case of ``params`` on every backend, against the first.
+
+    Each backend runs the graph built for it (``precision="bf16"``: onnxruntime runs the
+    float32 emulation of the BF16 graph, other backends the BF16 graph itself; the float64
+    ``reference`` then computes its exact math) on the same inputs; the tolerance is the
+    precision's compute dtype's (:data:`TOLERANCES`).
+    """
+    from graphc.precision import get_precision
+
+    dtype = get_precision(precision).compute
     if mode not in MODES:
         raise GraphcError(mode, f"unknown mode (known: {', '.join(MODES)})", "--mode")
-    case = MODES[mode](params, B, T, opt=opt, seed=seed)
-    runs = [Run(name, name, case.model) for name in backends]
-    return compare(runs, case.feeds, dtype=dtype, outputs=case.outputs)
+    case = MODES[mode](params, B, T, seed=seed)
+    models = {name: case.graph(backend=name, precision=precision, opt=opt) for name in backends}
+    results = [run_model(models[name], feeds_for(models[name], case.feeds), name) for name in backends]
+    return compare_results(list(backends), results, dtype=dtype, outputs=case.outputs)

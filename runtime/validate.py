@@ -17,7 +17,8 @@ import numpy as np
 
 from graphc.models.debug_state import DebugState
 from graphc.models.params import LLMC_ORDER, Params
-from graphc.runtime.programs import forward_graph, prepare, training_graph
+from graphc.backends import get_backend
+from graphc.runtime.programs import forward_graph, training_graph
 
 TOLERANCES = {"logits": 1e-2, "loss": 1e-2, "grads": 2e-2}
 """llm.c test_gpt2's tolerances (max abs difference)."""
@@ -52,6 +53,13 @@ class Report:
         return [c.name for c in self.checks if not c.ok]
 
 
+def prepare(model, params: Params, backend: str):
+    """``model`` prepared on ``backend`` with the parameters bound."""
+    executable = get_backend(backend)().prepare(model)
+    executable.bind(params.feeds())
+    return executable
+
+
 def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
     return float(d.max()) if d.size else 0.0  # NaN propagates and fails the check
@@ -66,10 +74,10 @@ def compute(params: Params, inputs: np.ndarray, targets: np.ndarray, *, backend:
     feeds = {"tokens": np.ascontiguousarray(inputs, dtype=np.int64),
              "targets": np.ascontiguousarray(targets, dtype=np.int64)}
     grads = params.like()
-    train = prepare(training_graph(cfg, opt=opt), params, backend)
+    train = prepare(training_graph(cfg, opt=opt, backend=backend), params, backend)
     # gradients land in the flat buffer, as in the training runner
     loss = train.run(feeds, outputs={grad_name(name): grads[name] for name in params.names()})["loss"]
-    logits = prepare(forward_graph(cfg, loss=False, logits=True, opt=opt), params, backend).run(
+    logits = prepare(forward_graph(cfg, loss=False, logits=True, opt=opt, backend=backend), params, backend).run(
         {"tokens": feeds["tokens"]})["logits"]
     return np.asarray(logits), float(np.asarray(loss)), grads
 

@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graphc.backends.base import Backend, Prepared
+from graphc.backends.base import Backend, Executable, Feed
+from graphc.backends.buffer import host_array
 from graphc.backends.reference_ops import OPS, as_float
 from graphc.errors import GraphcError
 from graphc.ir.builder import GRAPHC_DOMAIN, np_dtype
@@ -43,13 +44,13 @@ class ReferenceBackend(Backend):
     def __init__(self, keep_float64: bool = False):
         self.keep_float64 = keep_float64
 
-    def prepare(self, model: onnx.ModelProto) -> "ReferencePrepared":
+    def prepare(self, model: onnx.ModelProto) -> "ReferenceExecutable":
         functions = {(f.domain, f.name): f for f in model.functions}
         missing = unsupported_nodes(model.graph.node, functions)
         if missing:
             raise GraphcError(model.graph.name or "model", f"the reference backend cannot run {missing[0]}"
                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}", "node")
-        return ReferencePrepared(model, functions, self.keep_float64)
+        return ReferenceExecutable(model, functions, self.keep_float64)
 
 
 def unsupported_nodes(nodes, functions: Functions, seen: frozenset = frozenset()) -> list[str]:
@@ -65,7 +66,7 @@ def unsupported_nodes(nodes, functions: Functions, seen: frozenset = frozenset()
     return missing
 
 
-class ReferencePrepared(Prepared):
+class ReferenceExecutable(Executable):
     def __init__(self, model: onnx.ModelProto, functions: Functions, keep_float64: bool):
         g = model.graph
         self.graph = g
@@ -80,12 +81,14 @@ class ReferencePrepared(Prepared):
         self._bound: dict[str, np.ndarray] = {}
         self._dead = dead_after(g)
 
-    def bind(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def bind(self, feeds: Mapping[str, Feed]) -> None:
         # borrowed, not copied: in-place updates (the optimizer's) are seen by the next run
-        self._bound.update({k: v for k, v in feeds.items() if k in self.input_names})
+        self._bound.update({k: host_array(v) for k, v in feeds.items() if k in self.input_names})
 
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None,
+    def run(self, feeds: Mapping[str, Feed], outputs: Mapping[str, Feed] | None = None,
             ) -> dict[str, np.ndarray]:
+        feeds = {k: host_array(v) for k, v in feeds.items()}
+        outputs = {k: host_array(v) for k, v in (outputs or {}).items()}
         values = dict(self.initializers)
         for name in self.input_names:
             arr = feeds.get(name, self._bound.get(name))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from graphc.backends import REGISTRY
-from graphc.cli.common import add_model_args, check_seq_len, positive
+from graphc.cli.common import add_model_args, add_precision_arg, check_seq_len, positive
 from graphc.errors import GraphcError
 
 HELP = "run a GPT-2 graph on several backends with the same inputs and compare the outputs (PASS or FAIL)"
@@ -29,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="infer: logits and loss; train: loss and every gradient; decode: one KV-cache step")
     p.add_argument("--backends", required=True, metavar="A,B[,...]",
                    help=f"comma-separated backends, the first is the reference (known: {', '.join(REGISTRY)})")
-    p.add_argument("--precision", default="fp32", metavar="fp32|bf16",
-                   help="compute precision; picks the tolerance (default %(default)s)")
+    add_precision_arg(p, "bf16: onnxruntime runs its float32 emulation of the BF16 graph; picks the tolerance")
     p.add_argument("-b", dest="B", type=positive("-b"), default=2, help="batch size (default 2)")
     p.add_argument("-t", dest="T", type=positive("-t"), default=32,
                    help="sequence length, or the cache capacity for decode (default 32)")
@@ -54,11 +53,12 @@ def parse_backends(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphc.compare import compare_gpt2, compute_dtype, tolerance
+    from graphc.compare import compare_gpt2, tolerance
     from graphc.models.load import load_model
+    from graphc.precision import get_precision
 
     backends = parse_backends(args.backends)
-    tol = tolerance(compute_dtype(args.precision))   # bad input is reported before any work
+    tol = tolerance(get_precision(args.precision).compute)   # bad input is reported before any work
     params = load_model(args.model, args.seed)
     check_seq_len(params.cfg, args.T)
     print(f"model: {params.cfg.describe()}; mode {args.mode}, B={args.B} T={args.T}, {args.precision}; "

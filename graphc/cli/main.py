@@ -19,7 +19,7 @@ import sys
 
 from graphc.errors import GraphcError
 
-COMMANDS = ["prepare", "eval", "train", "grad", "generate", "export", "validate", "compile", "compare"]
+COMMANDS = ["prepare", "eval", "train", "grad", "generate", "export", "validate", "compile", "compare", "serve"]
 
 
 def _load(name: str):
