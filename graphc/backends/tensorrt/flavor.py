@@ -27,7 +27,7 @@ AUTO_ORDER = ("tensorrt", "rtx")
 CHOICES = ("auto", *MODULES)
 
 # compute capabilities (major, minor) whose GPUs run the flavour's engines
-RTX_RUNS_ON = "8.0, 8.6, 8.9 and 12.x"
+RTX_RUNS_ON = "8.0, 8.6, 8.9 or 12.x"
 
 
 def rtx_runs_on(cc: tuple[int, int]) -> bool:

@@ -15,7 +15,9 @@ Two rewrites, each keeping the graph's outputs exactly what onnxruntime computes
   N = 16K tokens and GPT-2's vocabulary, the price of avoiding atomics).
 
 Standard ONNX ``Attention`` stays as it is: the parser maps it to TensorRT's IAttention
-(fused MHA where a kernel exists; see ``network.py``).
+(fused MHA where a kernel exists; see ``network.py``); attention under the KV-cache mask
+was already fused to ``Attention(..., attn_mask)`` by the ``infer:tensorrt`` pipeline
+(``fuse_masked_attention``), before the precision pass.
 """
 
 from __future__ import annotations

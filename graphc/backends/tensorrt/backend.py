@@ -1,0 +1,139 @@
+"""The TensorRT backend: graphc graphs -> TensorRT engines (cached) -> runs on a GPU.
+
+``available()`` is precise about why engines cannot run here: TensorRT missing, no GPU or
+driver, or a GPU its flavour's engines refuse (TensorRT-RTX engines run on compute
+capability 8.0, 8.6, 8.9 and 12.x only; the H200 is 9.0). Building needs no GPU at all
+(``graphc engine``); running goes through :mod:`.runtime` (not run on this project's
+machines: see its docstring).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from graphc.backends.base import Backend, Prepared
+from graphc.backends.tensorrt.flavor import Flavor, load_flavor
+
+# graphc's local functions: TensorRT gets their reference bodies (legalize.py inlines them)
+LOWERINGS = {
+    ("graphc", "AttentionGrad"): "inlined",
+    ("graphc", "LayerNormGrad"): "inlined",
+    ("graphc", "GeluGrad"): "inlined",
+    ("graphc", "CrossEntropy"): "inlined",
+    ("graphc", "CrossEntropyGrad"): "inlined",
+    ("", "ScatterND"): "reduction=add as a one-hot GEMM (legalize.py)",
+}
+
+
+def why_cannot_run(flavor: Flavor) -> str | None:
+    """None when this machine's GPU runs ``flavor``'s engines, else the reason in one line."""
+    from graphc.backends.tensorrt.device import NoGpu, gpu_capability
+
+    other = ("datacenter TensorRT (pip install tensorrt from NVIDIA's index) on a GPU of compute capability >= 7.5"
+             if flavor.name == "rtx" else "a GPU of compute capability 7.5 or newer")
+    try:
+        cc, name = gpu_capability()
+    except NoGpu as e:
+        return (f"{e}; TensorRT {flavor.name} {flavor.version} builds engines here (graphc engine), "
+                f"running them needs a GPU of {flavor.gpus}" + (f", or {other}" if flavor.name == "rtx" else ""))
+    if not flavor.runs_on(cc):
+        return (f"the GPU here ({name}) has compute capability {cc[0]}.{cc[1]}, which TensorRT {flavor.name} "
+                f"{flavor.version} engines refuse (they run on {flavor.gpus}); use {other}")
+    try:
+        from graphc.backends.tensorrt.runtime import _cudart
+
+        _cudart()
+    except ImportError:
+        return "cuda-python is not installed (pip install graphc[gpu])"
+    return None
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    flavor_choice = "auto"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        from graphc.errors import GraphcError
+
+        try:
+            flavor = load_flavor(cls.flavor_choice)
+        except GraphcError as e:
+            return False, e.message
+        why = why_cannot_run(flavor)
+        return (why is None), (why or "")
+
+    @classmethod
+    def supports(cls, op_type: str, domain: str = "") -> bool:
+        if (domain, op_type) in LOWERINGS:
+            return True
+        return domain in ("", "ai.onnx") and _parser_supports(cls.flavor_choice, op_type)
+
+    def __init__(self, precision: str = "fp32", max_batch: int = 16, max_seq: int = 1024, flavor: str = "auto",
+                 cache=None):
+        from graphc.backends.tensorrt.cache import EngineCache
+
+        self.flavor = load_flavor(flavor)
+        self.precision, self.max_batch, self.max_seq = precision, max_batch, max_seq
+        self.cache = cache or EngineCache()
+
+    def target(self) -> str:
+        if self.flavor.name == "rtx":
+            return "rtx-portable"
+        from graphc.backends.tensorrt.device import gpu_capability
+
+        (major, minor), _ = gpu_capability()
+        return f"sm_{major}{minor}"
+
+    def prepare(self, model: onnx.ModelProto) -> "TensorRTPrepared":
+        """Build (or load from the engine cache) the engine of ``model`` and load it on the GPU."""
+        from graphc.backends.tensorrt.builder import build_engine
+        from graphc.backends.tensorrt.cache import EngineKey, graph_hash
+        from graphc.backends.tensorrt.network import profile_shapes
+        from graphc.backends.tensorrt.runtime import EngineRunner
+
+        shapes = profile_shapes(model, self.max_batch, self.max_seq)
+        key = EngineKey(graph_hash(model), self.flavor.name, self.flavor.version, self.target(), self.precision,
+                        shapes.key())
+        plan = self.cache.load(key)
+        if plan is None:
+            built = build_engine(model, flavor=self.flavor, precision=self.precision, max_batch=self.max_batch,
+                                 max_seq=self.max_seq)
+            plan = built.plan
+            self.cache.store(key, plan, {"layers": built.num_layers, "attention": len(built.attention_nodes),
+                                         "attention_fused": len(built.fused_attention), "seconds": built.seconds})
+        return TensorRTPrepared(EngineRunner(self.flavor, plan))
+
+
+class TensorRTPrepared(Prepared):
+    def __init__(self, runner):
+        self.runner = runner
+        self.input_names = list(runner.input_names)
+        self.output_names = list(runner.output_names)
+
+    def bind(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Upload the parameters once; they stay resident on the GPU."""
+        self.runner.upload({k: v for k, v in feeds.items() if k in self.input_names})
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None,
+            ) -> dict[str, np.ndarray]:
+        results = self.runner.run(feeds)
+        for name, arr in (outputs or {}).items():
+            if name in results:
+                arr[...] = results[name]
+                results[name] = arr
+        return results
+
+
+@functools.lru_cache(maxsize=None)
+def _parser_supports(flavor_choice: str, op_type: str) -> bool:
+    """Whether the flavour's ONNX parser has an importer for ``op_type`` (asked once per op)."""
+    trt = load_flavor(flavor_choice).trt
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    return bool(trt.OnnxParser(network, logger).supports_operator(op_type))
