@@ -41,6 +41,8 @@ class EngineBuild:
     seconds: float
     engine_layers: list[EngineLayer] = field(default_factory=list)
     profile: dict = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)    # engine input name -> TensorRT dtype name
+    outputs: dict[str, str] = field(default_factory=dict)   # engine output name -> TensorRT dtype name
 
     def line(self, path) -> str:
         """The line ``graphc engine`` prints."""
@@ -110,4 +112,6 @@ def build_engine(model: onnx.ModelProto, *, flavor: Flavor, precision: str, max_
         num_layers=network.num_layers, attention_nodes=attention_nodes,
         fused_attention=fused_attention_nodes(layers, attention_nodes), decomposable=decomposable,
         seconds=seconds, engine_layers=layers, profile=shapes.profile,
+        inputs={t.name: t.dtype.name for t in map(network.get_input, range(network.num_inputs))},
+        outputs={t.name: t.dtype.name for t in map(network.get_output, range(network.num_outputs))},
     )
