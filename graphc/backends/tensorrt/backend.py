@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from graphc.backends.base import Backend, Prepared
+from graphc.backends.base import Backend, Executable, Feed
 from graphc.backends.tensorrt.flavor import Flavor, load_flavor
 
 # graphc's local functions: TensorRT gets their reference bodies (legalize.py inlines them)
@@ -54,6 +54,7 @@ def why_cannot_run(flavor: Flavor) -> str | None:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    device = "cuda:0"
     flavor_choice = "auto"
 
     @classmethod
@@ -80,6 +81,18 @@ class TensorRTBackend(Backend):
         self.flavor = load_flavor(flavor)
         self.precision, self.max_batch, self.max_seq = precision, max_batch, max_seq
         self.cache = cache or EngineCache()
+
+    def alloc(self, shape, dtype):
+        from graphc.backends.tensorrt.runtime import CudaBuffer
+
+        return CudaBuffer.alloc(shape, dtype)
+
+    def upload(self, array: np.ndarray):
+        from graphc.backends.tensorrt.runtime import CudaBuffer
+
+        buf = CudaBuffer.alloc(array.shape, array.dtype)
+        buf.copy_from_numpy(array)
+        return buf
 
     def target(self) -> str:
         if self.flavor.name == "rtx":
@@ -109,23 +122,36 @@ class TensorRTBackend(Backend):
         return TensorRTPrepared(EngineRunner(self.flavor, plan))
 
 
-class TensorRTPrepared(Prepared):
+class TensorRTPrepared(Executable):
+    """An engine loaded on the GPU; inputs and outputs may be host arrays or device buffers."""
+
     def __init__(self, runner):
         self.runner = runner
         self.input_names = list(runner.input_names)
         self.output_names = list(runner.output_names)
 
-    def bind(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Upload the parameters once; they stay resident on the GPU."""
+    def bind(self, feeds: Mapping[str, Feed]) -> None:
+        """Device buffers are bound as they are (borrowed); host arrays are uploaded once."""
         self.runner.upload({k: v for k, v in feeds.items() if k in self.input_names})
 
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None,
-            ) -> dict[str, np.ndarray]:
-        results = self.runner.run(feeds)
-        for name, arr in (outputs or {}).items():
-            if name in results:
-                arr[...] = results[name]
-                results[name] = arr
+    def run(self, feeds: Mapping[str, Feed], outputs: Mapping[str, Feed] | None = None) -> dict[str, np.ndarray]:
+        from graphc.backends.tensorrt.runtime import CudaBuffer
+
+        outputs = dict(outputs or {})
+        self.runner.bind_outputs({k: v for k, v in outputs.items() if isinstance(v, CudaBuffer)})
+        self.runner.upload(feeds)
+        self.runner.execute()
+        results = {}
+        for name in self.output_names:
+            if isinstance(outputs.get(name), CudaBuffer):
+                results[name] = outputs[name]
+            elif name in outputs:                      # a host buffer: copy the result into it
+                host = outputs[name]
+                target = host.to_numpy() if hasattr(host, "to_numpy") else host
+                target[...] = self.runner.buffers[name].to_numpy().reshape(target.shape)
+                results[name] = host
+            else:
+                results[name] = self.runner.buffers[name].to_numpy()
         return results
 
 

@@ -65,22 +65,20 @@ GRAPHS = {
 
 
 def engine_graph(cfg: GPT2Config, mode: str, precision: str) -> onnx.ModelProto:
-    """The optimised graph of ``mode`` at ``precision`` (``bf16`` through the BF16 pass)."""
+    """The graph of ``mode``, optimised for TensorRT at ``precision`` (the BF16 pass runs
+    inside the pipeline, after the fusions; FP32 master weights in training)."""
     from graphc.passes.pipelines import optimize
 
     build, pipeline = GRAPHS[mode]
-    model, _ = optimize(build(cfg), pipeline, backend="tensorrt")
-    if precision == "bf16":
-        model = apply_bf16(model, training=(mode == "train"))
+    if precision == "bf16" and not has_precision_pass():   # TEMPORARY (see bf16_temporary.py)
+        from graphc.backends.tensorrt.bf16_temporary import to_bf16_temporary
+
+        return to_bf16_temporary(optimize(build(cfg), pipeline, backend="tensorrt")[0])
+    model, _ = optimize(build(cfg), pipeline, backend="tensorrt", precision=precision)
     return model
 
 
-def apply_bf16(model: onnx.ModelProto, *, training: bool) -> onnx.ModelProto:
-    """graphc's BF16 mixed-precision pass (FP32 master weights in training)."""
-    try:
-        from graphc.passes.precision import to_bf16
-    except ImportError:  # TEMPORARY until the precision pass is merged (see bf16_temporary.py)
-        from graphc.backends.tensorrt.bf16_temporary import to_bf16_temporary
+def has_precision_pass() -> bool:
+    import importlib.util
 
-        return to_bf16_temporary(model)
-    return to_bf16(model, master_params=training)
+    return importlib.util.find_spec("graphc.passes.precision") is not None

@@ -17,10 +17,12 @@ TrtRunner:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from typing import Mapping
 
 import numpy as np
+
+from graphc.backends.buffer import Buffer
 
 
 def _cudart():
@@ -48,29 +50,28 @@ def numpy_dtype(trt, dtype) -> np.dtype:
     return np.dtype(table[dtype])
 
 
-@dataclass
-class CudaBuffer:
-    """Device memory of one tensor (cudaMalloc), with host copies in and out."""
+class CudaBuffer(Buffer):
+    """Device memory of one tensor (cudaMalloc, or a view into another CudaBuffer)."""
 
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    ptr: int
-    device: str = "cuda:0"
+    def __init__(self, shape, dtype, ptr: int, owner: "CudaBuffer | None" = None, device: str = "cuda:0"):
+        self.shape, self.dtype, self._ptr, self.owner, self.device = tuple(shape), np.dtype(dtype), ptr, owner, device
 
     @classmethod
     def alloc(cls, shape, dtype) -> "CudaBuffer":
-        dtype = np.dtype(dtype)
-        nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
-        return cls(tuple(shape), dtype, int(_check(_cudart().cudaMalloc(nbytes))))
+        """A zero-filled device buffer."""
+        cudart = _cudart()
+        nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+        ptr = int(_check(cudart.cudaMalloc(nbytes)))
+        _check(cudart.cudaMemset(ptr, 0, nbytes))
+        return cls(shape, dtype, ptr)
 
     @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
+    def ptr(self) -> int:
+        return self._ptr
 
     def copy_from_numpy(self, array: np.ndarray) -> None:
         cudart = _cudart()
-        array = np.ascontiguousarray(array, dtype=self.dtype)
-        assert array.shape == self.shape, (array.shape, self.shape)
+        array = np.ascontiguousarray(np.asarray(array).reshape(self.shape), dtype=self.dtype)
         _check(cudart.cudaMemcpy(self.ptr, array.ctypes.data, self.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
 
     def to_numpy(self) -> np.ndarray:
@@ -79,10 +80,13 @@ class CudaBuffer:
         _check(cudart.cudaMemcpy(out.ctypes.data, self.ptr, self.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
         return out
 
+    def view(self, offset: int, shape) -> "CudaBuffer":
+        return CudaBuffer(shape, self.dtype, self.ptr + offset * self.dtype.itemsize, owner=self.owner or self)
+
     def free(self) -> None:
-        if self.ptr:
-            _check(_cudart().cudaFree(self.ptr))
-            self.ptr = 0
+        if self._ptr and self.owner is None:
+            _check(_cudart().cudaFree(self._ptr))
+        self._ptr = 0
 
 
 def cache_alias(name: str) -> str | None:
@@ -109,24 +113,39 @@ class EngineRunner:
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
         self.buffers: dict[str, CudaBuffer] = {}
+        self._borrowed: set[str] = set()            # buffers the caller owns (never freed here)
         self._graphs: dict[tuple, object] = {}      # input shapes -> instantiated CUDA graph
+        self._seen: set[tuple] = set()              # input shapes run once (capture on the second call)
 
     def dtype(self, name: str) -> np.dtype:
         return numpy_dtype(self.trt, self.engine.get_tensor_dtype(name))
 
     def _buffer(self, name: str, shape) -> CudaBuffer:
+        """The device buffer of ``name`` with ``shape``: kept if it fits, else (re)allocated."""
         buf = self.buffers.get(name)
-        if buf is None or buf.shape != tuple(shape):
-            if buf is not None:
-                buf.free()
-            buf = self.buffers[name] = CudaBuffer.alloc(shape, self.dtype(name))
-            self._graphs.clear()                     # addresses changed: recapture
+        if buf is not None and buf.shape == tuple(shape):
+            return buf
+        if name in self._borrowed:
+            raise ValueError(f"buffer bound to {name} has shape {buf.shape}, the engine needs {tuple(shape)}")
+        if buf is not None:
+            buf.free()
+        buf = self.buffers[name] = CudaBuffer.alloc(shape, self.dtype(name))
+        self._graphs.clear()                         # addresses changed: recapture
         return buf
 
-    def upload(self, feeds: Mapping[str, np.ndarray]) -> None:
-        for name, array in feeds.items():
-            if name in self.input_names:
-                self._buffer(name, array.shape).copy_from_numpy(array)
+    def upload(self, feeds: Mapping[str, "np.ndarray | Buffer"]) -> None:
+        """Host arrays are copied to the device; device buffers are bound as they are (borrowed)."""
+        for name, value in feeds.items():
+            if name not in self.input_names:
+                continue
+            if isinstance(value, CudaBuffer):
+                if self.buffers.get(name) is not value:
+                    self.buffers[name] = value
+                    self._borrowed.add(name)
+                    self._graphs.clear()
+                continue
+            array = value.to_numpy() if isinstance(value, Buffer) else np.asarray(value)
+            self._buffer(name, array.shape).copy_from_numpy(array)
 
     def execute(self) -> None:
         """Run on the resident input buffers; outputs land in ``self.buffers``."""
@@ -152,8 +171,8 @@ class EngineRunner:
     def _capture(self, shapes) -> bool:
         """Capture one launch into a CUDA graph (after a first plain run); False if not allowed."""
         cudart = self.cudart
-        if not self.context.is_stream_capturable(self.stream) or shapes not in getattr(self, "_seen", set()):
-            self._seen = getattr(self, "_seen", set()) | {shapes}
+        if not self.context.is_stream_capturable(self.stream) or shapes not in self._seen:
+            self._seen.add(shapes)
             return False
         _check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
         ok = self.context.execute_async_v3(self.stream)
@@ -164,7 +183,14 @@ class EngineRunner:
         _check(cudart.cudaGraphLaunch(self._graphs[shapes], self.stream))
         return True
 
-    def run(self, feeds: Mapping[str, np.ndarray], outputs=None) -> dict[str, np.ndarray]:
+    def bind_outputs(self, outputs: Mapping[str, "CudaBuffer"]) -> None:
+        """Write these outputs into the caller's device buffers (a flat gradient buffer's views)."""
+        for name, buf in outputs.items():
+            self.buffers[name] = buf
+            self._borrowed.add(name)
+        self._graphs.clear()
+
+    def run(self, feeds: Mapping[str, "np.ndarray | Buffer"], outputs=None) -> dict[str, np.ndarray]:
         self.upload(feeds)
         self.execute()
         return {n: self.buffers[n].to_numpy() for n in (outputs or self.output_names)}
