@@ -13,6 +13,7 @@ from graphc.models.kv_cache import build_decode, build_decoder_with_past
 from graphc.passes.manager import op_counts
 from graphc.passes.pipelines import optimize
 from graphc.passes.verify import random_feeds, relative_errors, run_onnxruntime, verify
+from tensorrt_helpers import require_builder
 from trt_ops import MATRIX, assert_trt_compatible
 
 CFG = GPT2Config(n_layer=2, n_head=4, n_embd=64, max_seq_len=64)
@@ -27,7 +28,7 @@ def test_training_graph_legalised_same_outputs(train_graph):
     legal_pass = LegalizeForTensorRT()
     legal, changed = legal_pass(train_graph)
     legal = verify(legal, legal_pass.name)
-    assert changed and legal_pass.stats == {"functions_inlined": 5, "scatter_add_to_matmul": 1}
+    assert changed and legal_pass.stats == {"functions_inlined": 5, "scatter_add_to_matmul": 1, "attributes_dropped": 0}
     ops = op_counts(legal)
     assert not legal.functions and not any(n.domain for n in legal.graph.node)
     assert "ScatterND" not in ops and ops["Attention"] == CFG.n_layer
@@ -75,7 +76,23 @@ def test_scatter_add_outside_the_rewrite_is_left_alone():
     assert n == 0 and op_counts(out)["ScatterND"] == 1
 
 
+def test_refused_attention_attribute_is_dropped():
+    from graphc.backends.tensorrt.legalize import drop_refused_attributes
+
+    g = helper.make_graph(
+        [helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1, softmax_precision=TP.FLOAT, name="att")],
+        "g", [helper.make_tensor_value_info(n, TP.FLOAT, [1, 2, 3, 4]) for n in "qkv"],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [1, 2, 3, 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 24)])
+    out, n = drop_refused_attributes(model)
+    assert n == 1 and [a.name for a in out.graph.node[0].attribute] == ["is_causal"]
+    assert [a.name for a in model.graph.node[0].attribute] == ["is_causal", "softmax_precision"]  # input untouched
+    feeds = random_feeds(model, {})
+    assert relative_errors(model, out, feeds)["y"] == 0.0   # fp32 in, fp32 softmax either way
+
+
 def test_decode_attention_fuses_with_mask_for_tensorrt():
+    require_builder()        # optimize(backend="tensorrt") asks TensorRT's parser what it supports
     model = build_decode(CFG)
     fused, report = optimize(model, "infer", backend="tensorrt")
     atts = [n for n in fused.graph.node if n.op_type == "Attention"]
@@ -93,6 +110,7 @@ def test_decode_attention_fuses_with_mask_for_tensorrt():
 
 
 def test_masked_fusion_keeps_causal_and_fuses_padding_masks():
+    require_builder()
     causal, _ = optimize(build_forward(CFG, loss=False), "infer", backend="tensorrt")
     atts = [n for n in causal.graph.node if n.op_type == "Attention"]
     assert len(atts) == CFG.n_layer and all(len(n.input) == 3 for n in atts)   # is_causal, no mask input

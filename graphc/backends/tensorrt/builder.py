@@ -80,7 +80,7 @@ def name_attention_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def build_engine(model: onnx.ModelProto, *, flavor: Flavor, precision: str, max_batch: int, max_seq: int,
-                 where: str = "graph", workspace_bytes: int | None = None) -> EngineBuild:
+                 where: str | None = None, workspace_bytes: int | None = None) -> EngineBuild:
     """Build ``model`` (a graphc graph, precision already applied) into a serialized engine."""
     trt = flavor.trt
     start = time.perf_counter()

@@ -14,7 +14,13 @@ Two rewrites, each keeping the graph's outputs exactly what onnxruntime computes
   one GEMM that TensorRT runs on tensor cores (``onehot`` is ``N x V``: 0.8 GB in BF16 for
   N = 16K tokens and GPT-2's vocabulary, the price of avoiding atomics).
 
-Standard ONNX ``Attention`` stays as it is: the parser maps it to TensorRT's IAttention
+* **attributes TensorRT's parser refuses are dropped** (:data:`DROPPED_ATTRIBUTES`):
+  ``Attention``'s ``softmax_precision`` (the BF16 pass asks for an FP32 softmax; TensorRT's
+  parser rejects the attribute, and IAttention chooses its softmax precision itself --
+  its fused kernels accumulate the softmax in FP32; the engine-vs-onnxruntime comparison
+  against ``emulate_bf16`` is what checks the numerics where an engine can run).
+
+Standard ONNX ``Attention`` stays as it is otherwise: the parser maps it to TensorRT's IAttention
 (fused MHA where a kernel exists; see ``network.py``); attention under the KV-cache mask
 was already fused to ``Attention(..., attn_mask)`` by the ``infer:tensorrt`` pipeline
 (``fuse_masked_attention``), before the precision pass.
@@ -30,6 +36,8 @@ from graphc.ir.builder import GraphBuilder
 from graphc.ir.node import attr, with_graph
 
 GRAPHC_DOMAIN = "graphc"
+# op type -> attributes TensorRT's ONNX parser rejects and whose absence keeps the semantics
+DROPPED_ATTRIBUTES = {"Attention": ("softmax_precision",)}
 
 
 class LegalizeForTensorRT:
@@ -44,8 +52,10 @@ class LegalizeForTensorRT:
         inlined = inline_graphc_functions(model)
         n_inlined = len(model.functions) - len(inlined.functions)
         out, n_scatter = scatter_add_to_onehot_matmul(inlined)
-        self.stats = {"functions_inlined": n_inlined, "scatter_add_to_matmul": n_scatter}
-        return out, bool(n_inlined or n_scatter)
+        out, n_dropped = drop_refused_attributes(out)
+        self.stats = {"functions_inlined": n_inlined, "scatter_add_to_matmul": n_scatter,
+                      "attributes_dropped": n_dropped}
+        return out, bool(n_inlined or n_scatter or n_dropped)
 
 
 def legalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -65,6 +75,21 @@ def inline_graphc_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         del out.opset_import[:]
         out.opset_import.extend(keep)
     return out
+
+
+def drop_refused_attributes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Remove :data:`DROPPED_ATTRIBUTES` from the main graph's nodes; returns (model, count)."""
+    nodes, count = [], 0
+    for node in model.graph.node:
+        drop = DROPPED_ATTRIBUTES.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+        if any(a.name in drop for a in node.attribute):
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            del new.attribute[:]
+            new.attribute.extend(a for a in node.attribute if a.name not in drop)
+            node, count = new, count + 1
+        nodes.append(node)
+    return (with_graph(model, nodes=nodes), count) if count else (model, 0)
 
 
 def _static_shape(model: onnx.ModelProto, name: str) -> list | None:
