@@ -37,14 +37,22 @@ def _feeds(model, params, B, T, seed=0):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_engine_matches_onnxruntime(mode, precision):
-    from graphc.backends.tensorrt.graphs import engine_graph
+    """The engine against onnxruntime on the same graph (bf16: its float32 emulation)."""
+    from graphc.backends.tensorrt.graphs import GRAPHS, engine_graph
+    from graphc.backends.tensorrt.report import fused_attention_nodes, layers_from_inspector
+    from graphc.passes.pipelines import optimize
 
+    build, pipeline = GRAPHS[mode]
     model = engine_graph(CFG, mode, precision)
+    reference_graph, _ = optimize(build(CFG), pipeline, precision=precision)   # onnxruntime: bf16 emulated
     params = random_init(CFG, 0).feeds()
-    feeds = _feeds(model, params, 2, 16)
-    fp32 = engine_graph(CFG, mode, "fp32")
-    reference = run_onnxruntime(fp32, _feeds(fp32, params, 2, 16))
-    prepared = TensorRTBackend(precision=precision, max_batch=4, max_seq=64).prepare(model)
-    got = prepared.run(feeds)
+    reference = run_onnxruntime(reference_graph, _feeds(reference_graph, params, 2, 16))
+    backend = TensorRTBackend(precision=precision, max_batch=4, max_seq=64)
+    prepared = backend.prepare(model)
+    got = prepared.run(_feeds(model, params, 2, 16))
     result = compare(got, reference, compute_dtype="bfloat16" if precision == "bf16" else "float32")
     assert result and all(ok for *_, ok in result.values()), result
+    # the deserialized engine's inspector agrees with the builder's report on fused attention
+    attention = [n.name for n in model.graph.node if n.op_type == "Attention"]
+    fused = fused_attention_nodes(layers_from_inspector(backend.flavor, prepared.runner.engine), attention)
+    assert len(fused) == (CFG.n_layer if precision == "bf16" else 0)
