@@ -19,6 +19,7 @@ from graphc.backends.tensorrt.network import (
     add_profile,
     allow_decomposed_fp32_attention,
     fix_static_dims,
+    one_line,
     parse_onnx,
     profile_shapes,
 )
@@ -80,7 +81,7 @@ def name_attention_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def build_engine(model: onnx.ModelProto, *, flavor: Flavor, precision: str, max_batch: int, max_seq: int,
-                 where: str | None = None, workspace_bytes: int | None = None) -> EngineBuild:
+                 where: str | None = None) -> EngineBuild:
     """Build ``model`` (a graphc graph, precision already applied) into a serialized engine."""
     trt = flavor.trt
     start = time.perf_counter()
@@ -95,14 +96,12 @@ def build_engine(model: onnx.ModelProto, *, flavor: Flavor, precision: str, max_
     decomposable = allow_decomposed_fp32_attention(flavor, network)
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     add_profile(flavor, builder, config, shapes)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         errors = logger.errors() or ["the builder returned no engine"]
-        raise GraphcError(where, f"TensorRT {flavor.name} {flavor.version} failed to build the engine: {errors[0]}",
-                          "engine")
+        raise GraphcError(where, f"TensorRT {flavor.name} {flavor.version} failed to build the engine: "
+                                 f"{one_line(errors[0])}", "engine")
     seconds = time.perf_counter() - start
     layers = layers_from_log([m for _, m in logger.messages])
     if not layers:

@@ -76,7 +76,12 @@ def profile_shapes(model: onnx.ModelProto, max_batch: int, max_seq: int) -> Shap
     return shapes
 
 
-def parse_onnx(flavor, builder, logger, model: onnx.ModelProto, where: str):
+def one_line(text: str) -> str:
+    """TensorRT's multi-line messages as one line (graphc reports errors in one line)."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def parse_onnx(flavor, builder, logger, model: onnx.ModelProto, where: str | None):
     """A strongly typed network from ``model``; a parser error is one line naming the node."""
     trt = flavor.trt
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -86,7 +91,7 @@ def parse_onnx(flavor, builder, logger, model: onnx.ModelProto, where: str):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0]
         raise GraphcError(where, f"TensorRT {flavor.name} {flavor.version} cannot parse node "
-                                 f"{first.node_name()!r} ({first.node_operator()}): {first.desc()}", "graph")
+                                 f"{first.node_name()!r} ({first.node_operator()}): {one_line(first.desc())}", "graph")
     return network, parser
 
 
