@@ -44,15 +44,18 @@ MIN_OPSET, MAX_OPSET = 17, OPSET
 
 # ----------------------------------------------------------------------------- graph edits
 def bind(model: onnx.ModelProto, params: Params) -> onnx.ModelProto:
-    """Turn every parameter graph input into an initializer holding its value (in place)."""
+    """Turn every parameter graph input into an initializer holding its value (in place),
+    in the input's dtype (float32, or bfloat16 in a BF16 graph)."""
     feeds = params.feeds()
     g = model.graph
     keep = [i for i in g.input if i.name not in feeds]
-    bound = [i.name for i in g.input if i.name in feeds]
+    bound = [i for i in g.input if i.name in feeds]
     del g.input[:]
     g.input.extend(keep)
-    for name in bound:
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(feeds[name], dtype=np.float32), name))
+    for v in bound:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        value = np.ascontiguousarray(feeds[v.name], dtype=np.float32).astype(dtype, copy=False)
+        g.initializer.append(numpy_helper.from_array(value, v.name))
     return model
 
 
@@ -89,6 +92,18 @@ def plain_model(params: Params) -> onnx.ModelProto:
 def kv_cache_model(params: Params) -> onnx.ModelProto:
     """The decoder-with-past (see :func:`graphc.models.kv_cache.build_decoder_with_past`), weights unbound."""
     return build_decoder_with_past(params.cfg, name="gpt2_with_past")
+
+
+def to_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """``model`` (weights still inputs) in ``precision``: fp32 as built; bf16 optimised by the
+    inference pipeline and rewritten by the BF16 pass, weights and KV cache in bf16, logits fp32."""
+    from graphc.passes.pipelines import optimize
+    from graphc.precision import get_precision
+
+    if not get_precision(precision).mixed:
+        return model
+    optimized, _report = optimize(model, "infer", precision=precision, emulate=False)
+    return optimized
 
 
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -167,17 +182,20 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *,
 
 
 def export_onnx(params: Params, out: str | os.PathLike, *, kv_cache: bool = False, opset: int = OPSET,
-                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
-    """Build, convert to ``opset``, bind the weights and save: the whole ``graphc export``."""
+                external_threshold: int = EXTERNAL_DATA_THRESHOLD, precision: str = "fp32") -> list[Path]:
+    """Build, set the precision, convert to ``opset``, bind the weights and save: the whole
+    ``graphc export``."""
     out = Path(out)
     if out.is_dir():
         raise GraphcError(out, "is a directory; --out needs a file name such as model.onnx", "--out")
     model = kv_cache_model(params) if kv_cache else plain_model(params)
+    model = to_precision(model, precision)
     model = convert_opset(model, opset)  # before binding: the converter serialises the whole model
     model = bind(model, params)
     model.producer_name = "graphc"
     model.doc_string = (f"GPT-2 ({params.cfg.describe()}) exported by graphc"
-                        + (", decoder with past (KV cache)" if kv_cache else ""))
+                        + (", decoder with past (KV cache)" if kv_cache else "")
+                        + (f", {precision} mixed precision" if precision != "fp32" else ""))
     return save_onnx(model, out, external_threshold=external_threshold)
 
 

@@ -30,9 +30,47 @@ import dataclasses
 import numpy as np
 
 from graphc.errors import GraphcError
+from graphc.models.gpt2 import build_forward
 from graphc.models.kv_cache import build_decode, build_prefill, cache_shape, past_name, present_name
 from graphc.runtime.programs import DeviceParams, compile_graph
 from graphc.runtime.sampling import Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """One sampled token, with log-probabilities when its sequence asked for them.
+
+    ``logprob`` is log p(token) under the model's distribution (log-softmax of the logits,
+    before temperature/top-k/top-p), ``top`` the ``k`` most likely (token, logprob) pairs."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of the last axis."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def top_logprobs(logp: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The ``k`` largest entries of one row of log-probabilities, most likely first."""
+    if k <= 0:
+        return ()
+    idx = np.argpartition(-logp, k - 1)[:k]
+    idx = idx[np.argsort(-logp[idx], kind="stable")]
+    return tuple((int(i), float(logp[i])) for i in idx)
+
+
+def sample_row(logits_row: np.ndarray, sampler: Sampler, logprobs: int | None) -> Sampled:
+    """Sample one token from ``logits_row`` [1, V] with ``sampler``; logprobs if asked."""
+    token = int(sampler(logits_row)[0])
+    if logprobs is None:
+        return Sampled(token)
+    logp = log_softmax(logits_row[0])
+    return Sampled(token, float(logp[token]), top_logprobs(logp, logprobs))
 
 
 @dataclasses.dataclass
@@ -49,12 +87,20 @@ class Decoder(abc.ABC):
     spec: DecodeSpec
 
     @abc.abstractmethod
-    def add(self, prompt: list[int], sampler: Sampler) -> tuple[int, int]:
-        """Prefill ``prompt`` into a free slot; returns (slot, its first sampled token)."""
+    def add(self, prompt: list[int], sampler: Sampler, *, logprobs: int | None = None) -> tuple[int, Sampled]:
+        """Prefill ``prompt`` into a free slot; returns (slot, its first sampled token).
+
+        ``logprobs=k`` asks for log-probabilities (and the top ``k``) with every token of
+        this sequence."""
 
     @abc.abstractmethod
-    def step(self) -> dict[int, int]:
+    def step(self) -> dict[int, Sampled]:
         """One new token for every live slot: {slot: token}."""
+
+    @abc.abstractmethod
+    def score(self, prompt: list[int], logprobs: int = 0) -> list[Sampled | None]:
+        """Log-probabilities of each prompt token given the ones before it (None for the
+        first): prompt scoring, as evaluation harnesses ask (``echo`` + ``logprobs``)."""
 
     @abc.abstractmethod
     def remove(self, slot: int) -> None: ...
@@ -78,6 +124,7 @@ class _Sequence:
     sampler: Sampler
     length: int           # tokens in the cache
     last: int             # the last sampled token, fed at the next step
+    logprobs: int | None  # top-k log-probabilities wanted with each token (None: none)
 
 
 class GraphDecoder(Decoder):
@@ -101,6 +148,7 @@ class GraphDecoder(Decoder):
         self.caches = {past_name(layer, kind): backend.alloc(shape, np.float32)
                        for layer in range(cfg.n_layer) for kind in ("key", "value")}
         self.seqs: dict[int, _Sequence] = {}
+        self._scorer = None
 
     # ------------------------------------------------------------------ helpers
     def _cache_rows(self, start: int, stop: int) -> tuple[dict, dict]:
@@ -120,7 +168,7 @@ class GraphDecoder(Decoder):
         return self.seqs[slot].length
 
     # ------------------------------------------------------------------ program
-    def add(self, prompt: list[int], sampler: Sampler) -> tuple[int, int]:
+    def add(self, prompt: list[int], sampler: Sampler, *, logprobs: int | None = None) -> tuple[int, Sampled]:
         n = len(prompt)
         if not 1 <= n < self.spec.capacity:
             raise GraphcError(None, f"prompt of {n} tokens does not fit a cache of {self.spec.capacity} "
@@ -131,11 +179,11 @@ class GraphDecoder(Decoder):
         past, present = self._cache_rows(slot, slot + 1)
         logits = self.prefill.run({"tokens": np.asarray([prompt], dtype=np.int64),
                                    "lengths": np.asarray([n], dtype=np.int64), **past}, outputs=present)["logits"]
-        token = int(sampler(logits)[0])
-        self.seqs[slot] = _Sequence(sampler, n, token)
-        return slot, token
+        first = sample_row(logits, sampler, logprobs)
+        self.seqs[slot] = _Sequence(sampler, n, first.token, logprobs)
+        return slot, first
 
-    def step(self) -> dict[int, int]:
+    def step(self) -> dict[int, Sampled]:
         if not self.seqs:
             return {}
         k = max(self.seqs) + 1
@@ -150,9 +198,22 @@ class GraphDecoder(Decoder):
         out = {}
         for slot, seq in self.seqs.items():
             seq.length += 1
-            seq.last = int(seq.sampler(logits[slot:slot + 1])[0])
-            out[slot] = seq.last
+            out[slot] = sample_row(logits[slot:slot + 1], seq.sampler, seq.logprobs)
+            seq.last = out[slot].token
         return out
+
+    def score(self, prompt: list[int], logprobs: int = 0) -> list[Sampled | None]:
+        if not 1 <= len(prompt) <= self.cfg.max_seq_len:
+            raise GraphcError(None, f"prompt of {len(prompt)} tokens: the model takes 1..{self.cfg.max_seq_len}",
+                              "prompt")
+        if self._scorer is None:
+            self._scorer = self.backend.prepare(compile_graph(
+                build_forward(self.cfg, loss=False, logits=True), "infer", opt=self.spec.opt,
+                backend=self.backend.name, precision=self.spec.precision))
+            self._scorer.bind(self.params.views())
+        logits = self._scorer.run({"tokens": np.asarray([prompt], dtype=np.int64)})["logits"][0]   # [T, V]
+        logp = log_softmax(logits[:-1])
+        return [None] + [Sampled(t, float(row[t]), top_logprobs(row, logprobs)) for t, row in zip(prompt[1:], logp)]
 
     def remove(self, slot: int) -> None:
         self.seqs.pop(slot, None)

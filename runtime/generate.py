@@ -95,16 +95,16 @@ class Generator:
         out: list[list[int]] = [[] for _ in prompts]
         slot_of = {}
         for i, (prompt, sampler) in enumerate(zip(prompts, samplers)):
-            slot, token = decoder.add(prompt, sampler)
-            out[i].append(token)
+            slot, first = decoder.add(prompt, sampler)
+            out[i].append(first.token)
             if self._finished(out[i], max_new_tokens):
                 decoder.remove(slot)
             else:
                 slot_of[slot] = i
         while slot_of:
-            for slot, token in decoder.step().items():
+            for slot, sampled in decoder.step().items():
                 i = slot_of[slot]
-                out[i].append(token)
+                out[i].append(sampled.token)
                 if self._finished(out[i], max_new_tokens):
                     decoder.remove(slot)
                     del slot_of[slot]

@@ -80,10 +80,10 @@ def _decoder(slots=4, capacity=24):
 
 def _run_alone(prompt, n, sampler):
     dec = _decoder()
-    slot, tok = dec.add(prompt, sampler)
-    out = [tok]
+    slot, first = dec.add(prompt, sampler)
+    out = [first.token]
     while len(out) < n:
-        out.append(dec.step()[slot])
+        out.append(dec.step()[slot].token)
     return out
 
 
@@ -94,20 +94,20 @@ def test_decoder_slots_are_batch_invariant_and_reusable(temperature):
     dec = _decoder()
     outs = {}
     slot0, t = dec.add(prompts[0], Sampler(temperature=temperature, seed=0))
-    outs[slot0] = [t]
+    outs[slot0] = [t.token]
     slot1, t = dec.add(prompts[1], Sampler(temperature=temperature, seed=1))
-    outs[slot1] = [t]
+    outs[slot1] = [t.token]
     for _ in range(2):                                   # two steps with two live sequences
         for s, tok in dec.step().items():
-            outs[s].append(tok)
+            outs[s].append(tok.token)
     dec.remove(slot0)                                    # slot 0 is freed and reused
     slot2, t = dec.add(prompts[2], Sampler(temperature=temperature, seed=2))
     assert slot2 == slot0 and dec.live == [slot0, slot1]
     done = {0: outs.pop(slot0)}
-    outs[slot2] = [t]
+    outs[slot2] = [t.token]
     while any(len(v) < 6 for v in outs.values()):
         for s, tok in dec.step().items():
-            outs[s].append(tok)
+            outs[s].append(tok.token)
     assert done[0] == alone[0][:3]
     assert outs[slot1][:6] == alone[1]
     assert outs[slot2][:6] == alone[2]
@@ -133,3 +133,18 @@ def test_legalize_names_the_node_a_backend_cannot_run():
     assert not OnnxRuntimeBackend.supports("NoSuchOp", "example")
     with pytest.raises(GraphcError, match=r"onnxruntime: --backend: cannot run op example.NoSuchOp \(node 'mystery'\)"):
         legalize(onnx.helper.make_model(graph), "onnxruntime")
+
+
+def test_decoder_logprobs_match_prompt_scoring():
+    """The logprob reported with a generated token equals scoring prompt + that token."""
+    dec = _decoder()
+    prompt = [3, 14, 15, 92]
+    slot, first = dec.add(prompt, Sampler(temperature=0), logprobs=3)
+    second = dec.step()[slot]
+    scored = dec.score(prompt + [first.token, second.token], logprobs=3)
+    assert scored[0] is None and [s.token for s in scored[1:]] == prompt[1:] + [first.token, second.token]
+    for got, ref in ((first, scored[4]), (second, scored[5])):
+        assert abs(got.logprob - ref.logprob) < 1e-4
+        assert got.top[0][0] == got.token                 # greedy picked the most likely
+        assert [t for t, _ in got.top] == [t for t, _ in ref.top]
+    assert all(a[1] >= b[1] for a, b in zip(first.top, first.top[1:]))

@@ -1,6 +1,7 @@
 """``graphc compile``: run the optimisation pipeline on GPT-2 and report every pass.
 
-    graphc compile --model PATH|NAME --mode train|infer|decode [-b B -t T] [--dump DIR] [--json]
+    graphc compile --model PATH|NAME --mode train|infer|decode [-b B -t T] [--precision fp32|bf16]
+                   [--dump DIR] [--json]
 
 Builds the graph of one step for the model's config (``infer``: forward logits only;
 ``train``: forward with the loss, differentiated w.r.t. every parameter inside the
@@ -10,7 +11,9 @@ the pipeline (:func:`graphc.passes.pipelines.optimize`) and plans memory for bat
 sequence length T. Only the config matters: a named size (``d12``) needs no weights, a
 checkpoint is read for its header/config. Prints one line per pass (nodes before/after,
 what it fused and how many times, time) and the memory plan (peak vs naive bytes); with
-``--json`` one JSON object instead.
+``--json`` one JSON object instead. ``--precision bf16`` appends the BF16 pass (its line
+says how many casts it inserted and what stayed float32) and plans the bf16 graph itself,
+not onnxruntime's float32 emulation of it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from graphc.cli.common import check_seq_len, positive
+from graphc.cli.common import add_precision_arg, check_seq_len, positive
 
 HELP = "optimise the GPT-2 training or inference graph and report every pass and the memory plan"
 
@@ -33,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", dest="B", type=positive("-b"), default=4, help="batch size for the memory plan (default 4)")
     p.add_argument("-t", dest="T", type=positive("-t"), default=64,
                    help="sequence length for the memory plan (default 64)")
+    add_precision_arg(p, "bf16 appends the BF16 mixed-precision pass (float32 master weights when training)")
     p.add_argument("--dump", metavar="DIR", type=Path,
                    help="write the graph after every pass as DIR/NN_pass.onnx + .txt (also $GRAPHC_DUMP_DIR)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
@@ -75,16 +79,16 @@ MODES = {
 }
 
 
-def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None) -> dict:
+def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None, precision: str = "fp32") -> dict:
     """Build, optimise and plan; return the report as a dict (the ``--json`` object)."""
     from graphc.passes.memory_plan import plan_model
     from graphc.passes.pipelines import optimize
 
     build, pipeline, dims = MODES[mode]
-    model, report = optimize(build(cfg), pipeline, dump_dir=dump_dir)
+    model, report = optimize(build(cfg), pipeline, dump_dir=dump_dir, precision=precision, emulate=False)
     mem = plan_model(model, dims(B, T))
     return {
-        "mode": mode, "config": cfg.describe(), "B": B, "T": T,
+        "mode": mode, "config": cfg.describe(), "B": B, "T": T, "precision": precision,
         "pipeline": report.pipeline,
         "nodes_before": report.nodes_before, "nodes_after": report.nodes_after,
         "fused": report.fused,
@@ -102,12 +106,13 @@ def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None) -> dict:
 def run(args: argparse.Namespace) -> int:
     cfg = model_config(args.model)
     check_seq_len(cfg, args.T)
-    result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump)
+    result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump, precision=args.precision)
     report, mem = result.pop("_report"), result.pop("_plan")
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"graphc compile: {args.model} ({cfg.describe()}), mode {args.mode}, B={args.B} T={args.T}")
+    print(f"graphc compile: {args.model} ({cfg.describe()}), mode {args.mode}, B={args.B} T={args.T}"
+          + (f", precision {args.precision}" if args.precision != "fp32" else ""))
     print(report.format())
     print(mem.format())
     print(f"peak_bytes {mem.peak_bytes}  naive_bytes {mem.naive_bytes}")

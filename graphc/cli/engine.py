@@ -28,12 +28,14 @@ HELP = "build a TensorRT engine (BF16 or FP32, fused attention) for inference, K
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from graphc.backends.tensorrt.flavor import CHOICES
-    from graphc.backends.tensorrt.graphs import MODES, PRECISIONS
+    from graphc.backends.tensorrt.graphs import MODES
+    from graphc.precision import PRECISIONS
 
     p.add_argument("--model", required=True,
                    help="llm.c .bin, HF model.safetensors (file or folder), or a size name (d12, L4H4C128)")
     p.add_argument("--out", required=True, type=Path, metavar="FILE.plan", help="where to write the engine")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="engine precision (default bf16)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
+                   help="bf16: graphc's BF16 mixed-precision pass (FP32 master weights in training); fp32 (default bf16)")
     p.add_argument("--mode", choices=MODES, default="infer",
                    help="infer: tokens -> logits; prefill / decode: the KV-cache graphs (cache as engine I/O); "
                         "train: loss and every parameter gradient (default infer)")

@@ -1,6 +1,6 @@
 """``graphc export``: a self-contained ONNX model, or the weights in Hugging Face layout.
 
-    graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N]
+    graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N] [--precision fp32|bf16]
     graphc export --model PATH|NAME --weights-only DIR
 
 See ``docs/export.md`` for the exported inputs and outputs.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from graphc import OPSET
-from graphc.cli.common import add_model_args
+from graphc.cli.common import add_model_args, add_precision_arg
 from graphc.errors import GraphcError
 
 HELP = "export a GPT-2 as ONNX (plain or decoder-with-past KV cache), or its weights as HF safetensors"
@@ -29,20 +29,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "past_key_values.{i}.key/value -> logits, present.{i}.key/value)")
     p.add_argument("--opset", type=int, default=OPSET, metavar="N",
                    help=f"ONNX opset of the exported model, 18..{OPSET} (default %(default)s)")
+    add_precision_arg(p, "bf16: weights as bf16 initializers, bf16 compute with float32 layer-norm statistics, "
+                         "softmax and logits (the optimised inference graph after the BF16 pass)")
 
 
 def run(args: argparse.Namespace) -> int:
     from graphc.models.export import export_onnx, export_weights
     from graphc.models.load import load_model
 
-    if args.weights_only is not None and (args.kv_cache or args.opset != OPSET):
-        raise GraphcError(None, "--kv-cache and --opset apply to --out (an ONNX model), not to --weights-only",
-                          "--weights-only")
+    if args.weights_only is not None and (args.kv_cache or args.opset != OPSET or args.precision != "fp32"):
+        raise GraphcError(None, "--kv-cache, --opset and --precision apply to --out (an ONNX model), "
+                          "not to --weights-only", "--weights-only")
     params = load_model(args.model, args.seed)
     if args.weights_only is not None:
         written = export_weights(params, args.weights_only)
     else:
-        written = export_onnx(params, args.out, kv_cache=args.kv_cache, opset=args.opset)
+        written = export_onnx(params, args.out, kv_cache=args.kv_cache, opset=args.opset, precision=args.precision)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -28,7 +28,6 @@ import onnx
 from graphc.models.config import GPT2Config
 
 MODES = ("infer", "prefill", "decode", "train")
-PRECISIONS = ("bf16", "fp32")
 
 
 def _forward(cfg: GPT2Config) -> onnx.ModelProto:
@@ -70,15 +69,5 @@ def engine_graph(cfg: GPT2Config, mode: str, precision: str) -> onnx.ModelProto:
     from graphc.passes.pipelines import optimize
 
     build, pipeline = GRAPHS[mode]
-    if precision == "bf16" and not has_precision_pass():   # TEMPORARY (see bf16_temporary.py)
-        from graphc.backends.tensorrt.bf16_temporary import to_bf16_temporary
-
-        return to_bf16_temporary(optimize(build(cfg), pipeline, backend="tensorrt")[0])
     model, _ = optimize(build(cfg), pipeline, backend="tensorrt", precision=precision)
     return model
-
-
-def has_precision_pass() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("graphc.passes.precision") is not None
