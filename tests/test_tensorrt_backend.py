@@ -84,6 +84,17 @@ def test_flavor_selection():
             assert "TensorRT is not installed: pip install" in str(e)
 
 
+def test_graph_precision():
+    require_builder()
+    from graphc.backends.tensorrt.backend import graph_precision
+    from graphc.backends.tensorrt.graphs import engine_graph
+
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, max_seq_len=16)
+    assert graph_precision(engine_graph(cfg, "infer", "fp32")) == "fp32"
+    assert graph_precision(engine_graph(cfg, "infer", "bf16")) == "bf16"
+    assert graph_precision(engine_graph(cfg, "train", "bf16")) == "bf16"
+
+
 def test_engine_cache_key_and_roundtrip(tmp_path):
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, max_seq_len=16)
     g1, g2 = build_forward(cfg, loss=False), build_forward(GPT2Config(n_layer=2, n_head=2, n_embd=32), loss=False)

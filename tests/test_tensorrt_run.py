@@ -47,7 +47,7 @@ def test_engine_matches_onnxruntime(mode, precision):
     reference_graph, _ = optimize(build(CFG), pipeline, precision=precision)   # onnxruntime: bf16 emulated
     params = random_init(CFG, 0).feeds()
     reference = run_onnxruntime(reference_graph, _feeds(reference_graph, params, 2, 16))
-    backend = TensorRTBackend(precision=precision, max_batch=4, max_seq=64)
+    backend = TensorRTBackend(max_batch=4, max_seq=64)
     prepared = backend.prepare(model)
     got = prepared.run(_feeds(model, params, 2, 16))
     result = compare(got, reference, compute_dtype="bfloat16" if precision == "bf16" else "float32")

@@ -74,12 +74,11 @@ class TensorRTBackend(Backend):
             return True
         return domain in ("", "ai.onnx") and _parser_supports(cls.flavor_choice, op_type)
 
-    def __init__(self, precision: str = "fp32", max_batch: int = 16, max_seq: int = 1024, flavor: str = "auto",
-                 cache=None):
+    def __init__(self, max_batch: int = 16, max_seq: int = 1024, flavor: str = "auto", cache=None):
         from graphc.backends.tensorrt.cache import EngineCache
 
         self.flavor = load_flavor(flavor)
-        self.precision, self.max_batch, self.max_seq = precision, max_batch, max_seq
+        self.max_batch, self.max_seq = max_batch, max_seq
         self.cache = cache or EngineCache()
 
     def alloc(self, shape, dtype):
@@ -110,16 +109,28 @@ class TensorRTBackend(Backend):
         from graphc.backends.tensorrt.runtime import EngineRunner
 
         shapes = profile_shapes(model, self.max_batch, self.max_seq)
-        key = EngineKey(graph_hash(model), self.flavor.name, self.flavor.version, self.target(), self.precision,
+        precision = graph_precision(model)
+        key = EngineKey(graph_hash(model), self.flavor.name, self.flavor.version, self.target(), precision,
                         shapes.key())
         plan = self.cache.load(key)
         if plan is None:
-            built = build_engine(model, flavor=self.flavor, precision=self.precision, max_batch=self.max_batch,
+            built = build_engine(model, flavor=self.flavor, precision=precision, max_batch=self.max_batch,
                                  max_seq=self.max_seq)
             plan = built.plan
             self.cache.store(key, plan, {"layers": built.num_layers, "attention": len(built.attention_nodes),
                                          "attention_fused": len(built.fused_attention), "seconds": built.seconds})
         return TensorRTPrepared(EngineRunner(self.flavor, plan))
+
+
+def graph_precision(model: onnx.ModelProto) -> str:
+    """``bf16`` when the graph computes anything in bfloat16 (the BF16 pass ran), else ``fp32``."""
+    bf16 = onnx.TensorProto.BFLOAT16
+    g = model.graph
+    values = (*g.input, *g.value_info, *g.output)
+    if any(v.type.tensor_type.elem_type == bf16 for v in values):
+        return "bf16"
+    return "bf16" if any(n.op_type == "Cast" and any(a.name == "to" and a.i == bf16 for a in n.attribute)
+                         for n in g.node) else "fp32"
 
 
 class TensorRTPrepared(Executable):
