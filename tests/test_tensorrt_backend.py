@@ -136,3 +136,15 @@ def test_comparator_tolerances():
     assert compare(bf16ish, ref, compute_dtype="bfloat16")["x"][2]    # BF16 tolerance: fine
     assert not compare({"x": ref["x"] * np.nan, "ids": np.arange(1, 4)}, ref)["ids"][2]
     assert not compare({"x": ref["x"] * np.nan}, ref)["x"][2]
+
+
+def test_runtime_tables():
+    """What the (GPU-only) runner relies on and can be checked here: dtypes and cache aliasing."""
+    import ml_dtypes
+
+    from graphc.backends.tensorrt.runtime import cache_alias, numpy_dtype
+
+    trt = require_builder().trt
+    assert numpy_dtype(trt, trt.DataType.BF16) == np.dtype(ml_dtypes.bfloat16)
+    assert numpy_dtype(trt, trt.DataType.INT64) == np.int64 and numpy_dtype(trt, trt.DataType.FLOAT) == np.float32
+    assert cache_alias("present.3.key") == "past.3.key" and cache_alias("logits") is None

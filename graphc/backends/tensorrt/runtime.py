@@ -7,10 +7,12 @@ that can run the engine exists; the code follows TensorRT's Python samples and P
 TrtRunner:
 
 * deserialize the plan (``Runtime.deserialize_cuda_engine``), one execution context;
-* device buffers (:class:`CudaBuffer`: device, dtype, shape, ptr, nbytes, ``to_numpy``,
-  ``copy_from_numpy``), bound by address with ``set_tensor_address``; a KV-cache output
-  ``present.*`` is bound to the buffer of its ``past.*`` input, so TensorRT's KV-cache
-  update layer writes the cache in place;
+* device buffers (:class:`CudaBuffer`, the seam's :class:`~graphc.backends.buffer.Buffer`),
+  bound by address with ``set_tensor_address``; a KV-cache output ``present.*`` is bound to
+  the buffer of its ``past.*`` input: TensorScatter becomes TensorRT's IKVCacheUpdateLayer,
+  whose output *must* share the cache input's device address (an in-place update; the
+  cache must also be a network input with a static sequence length, hence the engine's
+  fixed capacity);
 * ``execute_async_v3`` on one stream; once the shapes of a call have run, the launch is
   captured into a CUDA graph (where ``is_stream_capturable`` allows) and replayed.
 """
