@@ -118,3 +118,17 @@ def test_engine_d12(flavor, capsys, tmp_path, mode, precision):
     m = LINE.match(capsys.readouterr().out.strip())
     assert m and int(m["L"]) == 12 and int(m["k"]) == (12 if precision == "bf16" else 0)
     print(f"d12 {mode} {precision}: {m['layers']} layers, {out.stat().st_size} bytes, {m['s']} s")
+
+
+def test_fp32_attention_needs_decomposition(flavor, monkeypatch):
+    """Why graphc marks FP32 attention decomposable: without it TensorRT has no FP32 kernel."""
+    import graphc.backends.tensorrt.builder as builder
+    from graphc.backends.tensorrt.graphs import engine_graph
+    from graphc.errors import GraphcError
+
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, max_seq_len=16)
+    monkeypatch.setattr(builder, "allow_decomposed_fp32_attention", lambda flavor, network: [])
+    with pytest.raises(GraphcError, match="failed to build the engine: .*not supported by a dedicated kernel") as e:
+        builder.build_engine(engine_graph(cfg, "infer", "fp32"), flavor=flavor, precision="fp32", max_batch=1,
+                             max_seq=16)
+    assert "\n" not in str(e.value)
