@@ -13,7 +13,7 @@ from graphc.errors import GraphcError
 REGISTRY = {
     "onnxruntime": "graphc.backends.onnxruntime:OnnxRuntimeBackend",
     "reference": "graphc.backends.reference:ReferenceBackend",   # float64 numpy interpreter
-    # "tensorrt" and "cuda" join this table when their lowerings land (GPU issues).
+    "tensorrt": "graphc.backends.tensorrt:TensorRTBackend",
 }
 
 
