@@ -85,19 +85,20 @@ def run_onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> 
     return run_model(model, feeds, "onnxruntime")
 
 
+def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    """||actual - reference|| / ||reference|| in float64 (a shape mismatch, NaN or Inf: inf)."""
+    x, y = np.asarray(reference).astype(np.float64), np.asarray(actual).astype(np.float64)
+    if x.shape != y.shape or not np.all(np.isfinite(y)):
+        return float("inf")
+    denom = np.linalg.norm(x)
+    return float(np.linalg.norm(y - x) / (denom if denom > 0 else 1.0))
+
+
 def relative_errors(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, backend: str = "onnxruntime",
                     ) -> dict[str, float]:
-    """||out_b - out_a|| / ||out_a|| (float64) for every output the two models share."""
+    """:func:`relative_error` of model ``b`` against model ``a`` for every output they share."""
     ra, rb = run_model(a, feeds, backend), run_model(b, feeds, backend)
-    errs = {}
-    for k in ra.keys() & rb.keys():
-        x, y = np.asarray(ra[k], np.float64), np.asarray(rb[k], np.float64)
-        if x.shape != y.shape or not np.all(np.isfinite(y)):
-            errs[k] = float("inf")
-            continue
-        denom = np.linalg.norm(x)
-        errs[k] = float(np.linalg.norm(y - x) / (denom if denom > 0 else 1.0))
-    return errs
+    return {k: relative_error(rb[k], ra[k]) for k in ra.keys() & rb.keys()}
 
 
 # ----------------------------------------------------------------------------- comparison
