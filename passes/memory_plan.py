@@ -37,24 +37,17 @@ import onnx
 import onnx.numpy_helper
 from onnx import helper
 
-from graphc.passes.fusions.pattern import constant_node_value
+from graphc.ir.node import constant_value
+from graphc.ops import op_def
 
-INPLACE_OPS = {
+INPLACE_OPS = {   # graphc's fused ops (Gelu, the *Grad ops) state theirs in graphc.ops
     "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Relu", "Tanh", "Sigmoid", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Erf", "Pow", "Gelu", "Clip", "Where", "Max", "Min", "LeakyRelu", "Softmax", "LogSoftmax", "Identity",
+    "Erf", "Pow", "Clip", "Where", "Max", "Min", "LeakyRelu", "Softmax", "LogSoftmax", "Identity",
 }
 VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 
 
 SCATTER_OPS = {"ScatterND", "ScatterElements", "TensorScatter"}
-# graphc's fused backward ops whose first output may overwrite one input (row-local:
-# each row of the input is read completely before that row of the output is written,
-# as llm.c's kernels do): dlogits over the logits, dX over dY.
-FUSED_INPLACE = {
-    ("graphc", "CrossEntropyGrad"): 1,
-    ("graphc", "GeluGrad"): 0,
-    ("graphc", "LayerNormGrad"): 0,
-}
 
 
 def _alias_kind(n: onnx.NodeProto, x: str, sizes: Mapping[str, int], consts: dict) -> str | None:
@@ -70,9 +63,12 @@ def _alias_kind(n: onnx.NodeProto, x: str, sizes: Mapping[str, int], consts: dic
         return None
     o = n.output[0]
     same = sizes.get(o) is not None and sizes.get(x) == sizes.get(o)
-    if n.domain:
-        k = FUSED_INPLACE.get((n.domain, n.op_type))
+    fused = op_def(n.domain, n.op_type)
+    if fused is not None:     # a graphc op: its definition's in-place facts
+        k = fused.inplace.get(0)
         return "inplace" if k is not None and k < len(n.input) and n.input[k] == x and same else None
+    if n.domain:
+        return None
     if n.op_type in VIEW_OPS and x == n.input[0] and same:
         return "view"
     if n.op_type in INPLACE_OPS and same:
@@ -197,7 +193,7 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name not in graph_inputs}
     for n in nodes:
         if n.op_type == "Constant" and not n.domain and len(n.attribute) == 1:
-            value = constant_node_value(n)
+            value = constant_value(n)
             if value is not None:
                 consts[n.output[0]] = value
     external_views = []

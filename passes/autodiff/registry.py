@@ -15,6 +15,12 @@ A rule has the signature ``rule(ctx, node, grads) -> list[str | None]``:
 
 and returns one gradient per node input (``None`` for inputs that need none or are not
 differentiable, such as indices and shapes).
+
+One rule per op: a second registration for the same ``(domain, op_type)`` raises, so no
+import order decides which rule wins. graphc's fused ops (Attention, LayerNormalization,
+Gelu, graphc.CrossEntropy) bring their rules from their definitions in :mod:`graphc.ops`;
+those rules choose between the fused backward op and the primitive decomposition
+themselves.
 """
 
 from __future__ import annotations
@@ -36,7 +42,11 @@ def vjp(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
 
     def register(rule: Rule) -> Rule:
         for op_type in op_types:
-            VJP[(domain, op_type)] = rule
+            key = (domain, op_type)
+            if key in VJP:
+                raise ValueError(f"a VJP rule for {domain + '.' if domain else ''}{op_type} is already registered "
+                                 f"({VJP[key].__module__}.{VJP[key].__qualname__})")
+            VJP[key] = rule
         return rule
 
     return register

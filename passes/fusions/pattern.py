@@ -33,6 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphc.ir.node import attr  # noqa: F401 - the fusion passes import it from here
+from graphc.ir.node import constant_value
 
 
 class NoMatch(Exception):
@@ -99,7 +100,7 @@ class GraphIndex:
         else:
             n = self.node_of(value)
             if n is not None and n.op_type == "Constant" and not n.domain and len(n.attribute) == 1:
-                arr = constant_node_value(n)
+                arr = constant_value(n)
         self._const_cache[value] = arr
         return arr
 
@@ -144,23 +145,6 @@ class GraphIndex:
     def rank(self, value: str) -> int | None:
         s = self.shape(value)
         return None if s is None else len(s)
-
-
-def constant_node_value(n: onnx.NodeProto) -> np.ndarray | None:
-    a = n.attribute[0]
-    if a.ref_attr_name:
-        return None
-    if a.name == "value":
-        return numpy_helper.to_array(a.t)
-    if a.name == "value_float":
-        return np.array(a.f, dtype=np.float32)
-    if a.name == "value_floats":
-        return np.array(list(a.floats), dtype=np.float32)
-    if a.name == "value_int":
-        return np.array(a.i, dtype=np.int64)
-    if a.name == "value_ints":
-        return np.array(list(a.ints), dtype=np.int64)
-    return None
 
 
 def close(value: float | None, target: float, rtol: float = 1e-5) -> bool:
@@ -384,7 +368,7 @@ def apply_rewrites(model: onnx.ModelProto, idx: GraphIndex, rewrites: list[tuple
     reads only the pattern's inputs (defined before any pattern node), so the order stays
     topological.
     """
-    from graphc.passes.fusions.ops import ensure_functions
+    from graphc.ops import ensure_functions
 
     removed: set[int] = set()
     at_root: dict[int, list[onnx.NodeProto]] = {}
