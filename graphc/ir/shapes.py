@@ -242,16 +242,17 @@ class Shapes:
         return [d if d is not None else self.fresh() for d in v]
 
     @classmethod
-    def of_model(cls, model: onnx.ModelProto, bind: Mapping[str, int] | None = None) -> "Shapes":
-        """The shapes of every value of ``model``'s graph, ONNX's inferred types merged in.
+    def of_model(cls, model: onnx.ModelProto, bind: Mapping[str, int] | None = None,
+                 fallback: Mapping[str, onnx.TypeProto] | None = None) -> "Shapes":
+        """The shapes of every value of ``model``'s graph, ONNX's types merged in.
 
-        ``bind`` gives symbolic input dims a value (``{"B": 4, "T": 64}``); the inferred
-        types then come from the bound model.
+        ``bind`` gives symbolic input dims a value (``{"B": 4, "T": 64}``); ``fallback``
+        are the types to merge (default: ONNX shape inference of the (bound) model).
         """
         if bind:
             model = bind_dims(model, bind)
         shapes = cls()
-        shapes.fallback = inferred_types(model)
+        shapes.fallback = dict(fallback) if fallback is not None else inferred_types(model)
         graph = model.graph
         for vi in graph.input:
             shapes.set_type(vi.name, vi.type)
