@@ -739,8 +739,9 @@ def _gather_elements(s, n):
     n.outs[0] = n.S[1]
 
 
-@shape_rule("ScatterND", "ScatterElements", "Scatter")
+@shape_rule("ScatterND", "ScatterElements", "Scatter", "TensorScatter")
 def _scatter(s, n):
+    """The data (TensorScatter: the cache) with some elements replaced."""
     n.outs[0] = n.x
 
 
