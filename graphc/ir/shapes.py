@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphc.ir.node import attrs, constant_value
+from graphc.ir.table import add_unique
 
 INT_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
              TensorProto.UINT64, TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8}
@@ -433,11 +434,7 @@ def shape_rule(*op_types: str, domain: str = "") -> Callable[[ShapeRule], ShapeR
 
     def register(rule: ShapeRule) -> ShapeRule:
         for op_type in op_types:
-            key = (domain, op_type)
-            if key in SHAPE_RULES:
-                raise ValueError(f"a shape rule for {domain + '.' if domain else ''}{op_type} is already registered "
-                                 f"({SHAPE_RULES[key].__qualname__})")
-            SHAPE_RULES[key] = rule
+            add_unique(SHAPE_RULES, (domain, op_type), rule, "a shape rule")
         return rule
 
     return register

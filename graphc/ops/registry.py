@@ -33,6 +33,7 @@ from onnx import helper
 
 from graphc.ir.builder import GRAPHC_DOMAIN
 from graphc.ir.shapes import ShapeRule, shape_rule
+from graphc.ir.table import add_unique
 
 Key = tuple[str, str]
 
@@ -63,10 +64,8 @@ LOWERINGS: dict[str, dict[Key, Any]] = {}   # backend -> (domain, op_type) -> lo
 
 def define(op: OpDef) -> OpDef:
     """Add ``op`` to :data:`OPS` and its shape rule to the shape engine."""
-    if op.key in OPS:
-        raise ValueError(f"op {_label(op.key)} is already defined")
+    add_unique(OPS, op.key, op, "a definition")
     shape_rule(op.name, domain=op.domain)(op.shape)
-    OPS[op.key] = op
     return op
 
 
@@ -81,11 +80,8 @@ def register_lowering(backend: str, domain: str, op_type: str) -> Callable:
     ops); a second lowering of the same op for the same backend is an error."""
 
     def register(lowering):
-        table = LOWERINGS.setdefault(backend, {})
-        key = (domain or "", op_type)
-        if key in table:
-            raise ValueError(f"backend {backend!r} already has a lowering for {_label(key)}")
-        table[key] = lowering
+        add_unique(LOWERINGS.setdefault(backend, {}), (domain or "", op_type), lowering,
+                   f"a {backend} lowering")
         return lowering
 
     return register
@@ -94,10 +90,6 @@ def register_lowering(backend: str, domain: str, op_type: str) -> Callable:
 def lowerings(backend: str) -> dict[Key, Any]:
     """A backend's lowering table, keyed by ``(domain, op_type)`` (empty if none)."""
     return LOWERINGS.get(backend, {})
-
-
-def _label(key: Key) -> str:
-    return f"{key[0]}.{key[1]}" if key[0] else key[1]
 
 
 # ----------------------------------------------------------------------------- report keys

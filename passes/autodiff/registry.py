@@ -29,6 +29,8 @@ from typing import Callable, Protocol
 
 import onnx
 
+from graphc.ir.table import add_unique
+
 
 class Rule(Protocol):
     def __call__(self, ctx, node: onnx.NodeProto, grads: list[str | None]) -> list[str | None]: ...
@@ -42,11 +44,7 @@ def vjp(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
 
     def register(rule: Rule) -> Rule:
         for op_type in op_types:
-            key = (domain, op_type)
-            if key in VJP:
-                raise ValueError(f"a VJP rule for {domain + '.' if domain else ''}{op_type} is already registered "
-                                 f"({VJP[key].__module__}.{VJP[key].__qualname__})")
-            VJP[key] = rule
+            add_unique(VJP, (domain, op_type), rule, "a VJP rule")
         return rule
 
     return register
