@@ -23,7 +23,7 @@ from onnx import TensorProto
 from graphc.ir.builder import GRAPHC_DOMAIN
 from graphc.ir.node import attr
 from graphc.ops.body import Body
-from graphc.ops.registry import OpDef, define, emit, general_rule, is_float32
+from graphc.ops.registry import OpDef, define, emit, is_float32
 
 
 def attention_shape(s, n) -> None:
@@ -50,25 +50,33 @@ def _not_fused(ctx, node, grads) -> str | None:
     return None
 
 
+def _scale(ctx, node) -> float | None:
+    """The softmax scale: the attribute, else 1/sqrt(D) when the head size D is static."""
+    scale = attr(node, "scale")
+    if scale is None:
+        shape = ctx.shape(node.input[0])
+        if not shape or not isinstance(shape[-1], int):
+            return None
+        scale = 1.0 / math.sqrt(shape[-1])
+    return float(scale)
+
+
 def attention_vjp(ctx, node, grads):
     """``graphc.AttentionGrad`` for the float32 4-D form the fusion emits; every other form
-    (a mask, past inputs, 3-D, softcap, other dtypes) goes to the primitive rule
-    (``rules_attention.attention``), which raises, naming the node, where it has no answer."""
-    why = _not_fused(ctx, node, grads)
-    if why is None:
+    (a mask, past inputs, 3-D, softcap, other dtypes, an unknown scale) goes to the
+    primitive rule (``rules_attention.attention``), which raises, naming the node, where it
+    has no answer."""
+    if _not_fused(ctx, node, grads) is None:
         if grads[0] is None:
             return [None, None, None]
-        q, k, v = node.input[:3]
-        scale = attr(node, "scale")
-        if scale is None:
-            shp = ctx.shape(q)
-            d = shp[-1] if shp and isinstance(shp[-1], int) else None
-            scale = None if d is None else 1.0 / math.sqrt(d)
+        scale = _scale(ctx, node)
         if scale is not None:
-            dq, dk, dv = emit(ctx, "AttentionGrad", [grads[0], q, k, v, node.output[0]], 3,
-                              scale=float(scale), is_causal=int(attr(node, "is_causal", 0)))
-            return [dq, dk, dv]
-    return general_rule("rules_attention", "attention")(ctx, node, grads)
+            q, k, v = node.input[:3]
+            return list(emit(ctx, "AttentionGrad", [grads[0], q, k, v, node.output[0]], 3,
+                             scale=scale, is_causal=int(attr(node, "is_causal", 0))))
+    from graphc.passes.autodiff.rules_attention import attention   # graphc.ops does not import autodiff
+
+    return attention(ctx, node, grads)
 
 
 def attention_grad_shape(s, n) -> None:

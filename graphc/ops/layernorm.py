@@ -16,7 +16,7 @@ from onnx import TensorProto
 from graphc.ir.builder import GRAPHC_DOMAIN
 from graphc.ir.node import attr
 from graphc.ops.body import Body
-from graphc.ops.registry import OpDef, define, emit, general_rule, is_float32
+from graphc.ops.registry import OpDef, define, emit, is_float32
 
 
 def layernorm_shape(s, n) -> None:
@@ -51,7 +51,9 @@ def layernorm_vjp(ctx, node, grads):
     """``graphc.LayerNormGrad`` for a float32 layer norm over the last axis; other forms
     go to the primitive rule (``rules_normalization.layer_norm``)."""
     if _not_fused(ctx, node, grads) is not None:
-        return general_rule("rules_normalization", "layer_norm")(ctx, node, grads)
+        from graphc.passes.autodiff.rules_normalization import layer_norm   # graphc.ops does not import autodiff
+
+        return layer_norm(ctx, node, grads)
     dy = grads[0]
     if dy is None:
         return [None] * len(node.input)

@@ -151,11 +151,3 @@ def emit(ctx, op_type: str, inputs: list[str], n_outputs: int, **attrs):
 def is_float32(ctx, value: str) -> bool:
     """float32 (or of unknown type): what the fused backward ops are written for."""
     return ctx.dtype(value) in (onnx.TensorProto.FLOAT, onnx.TensorProto.UNDEFINED)
-
-
-def general_rule(module: str, name: str) -> Callable:
-    """The primitive-decomposition VJP rule ``graphc.passes.autodiff.<module>.<name>``
-    (imported when first needed: graphc.ops does not depend on the autodiff package)."""
-    import importlib
-
-    return getattr(importlib.import_module(f"graphc.passes.autodiff.{module}"), name)

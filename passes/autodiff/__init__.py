@@ -27,5 +27,6 @@ from graphc.passes.autodiff.registry import VJP, lookup, vjp
 for _op in ops.OPS.values():
     if _op.vjp is not None:
         vjp(_op.name, domain=_op.domain)(_op.vjp)
+del _op
 
 __all__ = ["differentiate", "grad_name", "GradContext", "VJP", "lookup", "vjp"]
