@@ -3,7 +3,8 @@
 ONNX shape inference loses track of dimensions after ``Reshape(x, [-1, C])`` and after
 broadcasting two symbolic dims, and it cannot say that ``B*T / T == B``. graphc's passes
 need those facts (the autodiff driver to know which gradients need a broadcast reduction,
-the memory planner to size every value), so :class:`Shapes` propagates its own:
+the memory planner to size every value, the fusions to compare dims), so
+:class:`Shapes` propagates its own:
 
 * a dim is an ``int`` or a :class:`Sym`, a monomial such as ``B*T`` or ``3*?4``;
 * small integer tensors (``Shape(tokens)``, axes, starts/ends) are tracked by *value*,

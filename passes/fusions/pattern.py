@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from graphc.ir.node import attr  # noqa: F401 - the fusion passes import it from here
 from graphc.ir.node import constant_value
