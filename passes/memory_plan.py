@@ -39,7 +39,7 @@ import onnx.numpy_helper
 
 from graphc.ir.builder import np_dtype
 from graphc.ir.node import constant_value
-from graphc.ir.shapes import Shapes, is_static
+from graphc.ir.shapes import SAME_SHAPE, Shapes, is_static
 from graphc.ops import op_def
 
 INPLACE_OPS = {   # graphc's fused ops (Gelu, the *Grad ops) state theirs in graphc.ops
@@ -328,6 +328,19 @@ def value_sizes(model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, in
     the symbolic shape engine (:mod:`graphc.ir.shapes`) with the dims bound."""
     shapes = Shapes.of_model(model, bind=dims)
     g = model.graph
+    # What the engine cannot derive (a gradient Pad with run-time pads) the graph's declared
+    # outputs may state; and backwards through same-shape ops, a Cast's output shape (that
+    # gradient cast to fp32 by the BF16 pass) tells its input's shape too.
+    for v in g.output:
+        declared = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param)
+                    for d in v.type.tensor_type.shape.dim]
+        if not is_static(shapes.shape.get(v.name)) and v.type.tensor_type.HasField("shape") and \
+                all(isinstance(d, int) for d in declared):
+            shapes.shape[v.name] = declared
+    for n in reversed(g.node):
+        if not n.domain and (n.op_type in SAME_SHAPE or n.op_type in ("Cast", "CastLike", "Identity")) and n.input and n.input[0] and \
+                is_static(shapes.shape.get(n.output[0])) and not is_static(shapes.shape.get(n.input[0])):
+            shapes.shape[n.input[0]] = shapes.shape[n.output[0]]
     names = [v.name for v in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output if o]
     sizes: dict[str, int] = {}
     for v in names:
