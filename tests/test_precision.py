@@ -149,6 +149,34 @@ def test_kv_cache_in_bf16():
     assert report.passes[-1].name == "precision_bf16"
 
 
+def test_unfused_graphs_are_safe():
+    """The unfused training graph (``--no-opt``) and the KV-cache decode step also rewrite
+    cleanly: ops the policy does not list (Softmax, ReduceMean, Sqrt, ...) compute in
+    float32, and the emulation stays within bf16 rounding of float32."""
+    from graphc.passes.autodiff import differentiate
+    from graphc.passes.verify import verify
+
+    params = perturbed_params(SMALL, 0)
+    plain = differentiate(build_forward(SMALL, loss=True, logits=False), "loss", params.names(), keep_outputs=False)
+    bf16 = verify(to_bf16(plain), "precision_bf16")
+    t = types_of(bf16)
+    fp32_ops = [n for n in bf16.graph.node if n.op_type in ("Softmax", "LogSoftmax", "ReduceMean", "Sqrt", "Tanh")]
+    assert len(fp32_ops) > 10 and all(t[n.input[0]] == FP32 and t[n.output[0]] == FP32 for n in fp32_ops)
+    assert all(t[n.output[0]] == BF16 for n in bf16.graph.node if n.op_type in ("Gemm", "MatMul"))
+    tokens, targets = random_batch(SMALL, 2, 16)
+    feeds = dict(params.feeds(), tokens=tokens, targets=targets)
+    ref, em = run_onnxruntime(plain, feeds), run_onnxruntime(emulate_bf16(bf16), feeds)
+    assert all(U_BF16 / 4 < rel_err(em[k], ref[k]) < 4 * U_BF16 for k in ref if k != "loss")
+
+    decode, _ = optimize(build_decode(SMALL), "infer", precision="bf16")        # emulated
+    cache = np.zeros((2, SMALL.n_head, 8, SMALL.head_dim), np.float32)
+    feeds = {v.name: cache for v in decode.graph.input if v.name.startswith("past.")}
+    feeds.update(params.feeds(), tokens=tokens[:, :1], past_len=np.zeros(2, np.int64))
+    ref, em = run_onnxruntime(optimize(build_decode(SMALL), "infer")[0], feeds), run_onnxruntime(decode, feeds)
+    assert U_BF16 / 4 < rel_err(em["logits"], ref["logits"]) < 4 * U_BF16
+    assert np.array_equal(em["present.0.key"].astype(ml_dtypes.bfloat16).astype(np.float32), em["present.0.key"])
+
+
 # ----------------------------------------------------------------------------- emulation
 def test_emulation_rounds_exactly_where_bf16_is_held():
     """y = Gelu(x @ w) in bf16; emulated = numpy with x, w, x @ w and y rounded to bf16."""
