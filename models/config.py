@@ -1,4 +1,7 @@
-"""GPT-2 configurations: the named sizes and custom L/H/C.
+"""GPT-2 configurations: the named sizes for a random init, and custom L/H/C.
+
+The random-init sizes have names of their own (``d12`` .. ``d48``, llm.c's): ``gpt2`` ..
+``gpt2-xl`` mean OpenAI's pretrained weights (:mod:`graphc.models.hub`), never a random init.
 
 The vocabulary is GPT-2's 50,257 BPE tokens; llm.c pads the embedding table to a multiple
 of 128 (50,304) so its GEMMs tile evenly, and so does graphc. Only the first
@@ -51,13 +54,12 @@ NAMED_SIZES: dict[str, tuple[int, int, int]] = {
     "d36": (36, 20, 1280),
     "d48": (48, 25, 1600),
 }
-ALIASES = {"gpt2": "d12", "gpt2-small": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
 _CUSTOM = re.compile(r"^L(\d+)[-_]?H(\d+)[-_]?C(\d+)$", re.IGNORECASE)
 
 
 def named_config(name: str) -> GPT2Config:
-    """``d12`` / ``gpt2`` ... ``gpt2-xl``, or a custom ``L4H4C128`` (also ``l4-h4-c128``)."""
-    key = ALIASES.get(name.lower(), name.lower())
+    """``d12`` ... ``d48``, or a custom ``L4H4C128`` (also ``l4-h4-c128``)."""
+    key = name.lower()
     if key in NAMED_SIZES:
         L, H, C = NAMED_SIZES[key]
         return GPT2Config(n_layer=L, n_head=H, n_embd=C)
@@ -65,10 +67,9 @@ def named_config(name: str) -> GPT2Config:
     if m:
         L, H, C = map(int, m.groups())
         return GPT2Config(n_layer=L, n_head=H, n_embd=C)
-    known = ", ".join([*NAMED_SIZES, *ALIASES])
+    known = ", ".join(NAMED_SIZES)
     raise GraphcError(name, f"unknown model size (known: {known}, or custom like L4H4C128)", "--model")
 
 
 def is_named_config(name: str) -> bool:
-    key = ALIASES.get(name.lower(), name.lower())
-    return key in NAMED_SIZES or bool(_CUSTOM.match(name))
+    return name.lower() in NAMED_SIZES or bool(_CUSTOM.match(name))

@@ -45,7 +45,39 @@ def resolve(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return path, cfg if cfg.exists() else None
 
 
-def _config(tensors: dict[str, np.ndarray], cfg_path: Path | None, where) -> GPT2Config:
+def gpt2_config_problem(meta: dict) -> str | None:
+    """Why a ``config.json`` does not describe GPT-2 (``GPT2LMHeadModel``), or None.
+
+    Keys that are absent are not held against it (graphc's own older exports and hand-written
+    configs carry only sizes); a ``model_type`` or ``architectures`` naming something else is.
+    """
+    model_type = meta.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        return f"model_type {model_type!r} is not GPT-2 (graphc loads GPT2LMHeadModel checkpoints)"
+    architectures = meta.get("architectures") or ["GPT2LMHeadModel"]
+    if not any(str(a).startswith("GPT2") for a in architectures):
+        return f"architectures {architectures} are not GPT-2 (graphc loads GPT2LMHeadModel checkpoints)"
+    activation = meta.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        return f"activation {activation!r} is not GPT-2's tanh GELU"
+    return None
+
+
+def read_gpt2_config(cfg_path: Path) -> dict:
+    """``config.json`` as a dict, or a one-line error if unreadable or not GPT-2's."""
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GraphcError(cfg_path, f"unreadable config ({e.__class__.__name__})") from None
+    if not isinstance(meta, dict):
+        raise GraphcError(cfg_path, "not a JSON object")
+    problem = gpt2_config_problem(meta)
+    if problem:
+        raise GraphcError(cfg_path, problem)
+    return meta
+
+
+def _config(tensors: dict[str, np.ndarray], meta: dict | None, cfg_path: Path | None, where) -> GPT2Config:
     def get(key):
         if key not in tensors:
             raise GraphcError(where, "missing tensor (not a GPT-2 checkpoint?)", key)
@@ -57,11 +89,7 @@ def _config(tensors: dict[str, np.ndarray], cfg_path: Path | None, where) -> GPT
     L = max(layers) + 1 if layers else 0
     H = C // 64
     eps = 1e-5
-    if cfg_path is not None:
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise GraphcError(cfg_path, f"unreadable config ({e.__class__.__name__})") from None
+    if meta is not None:
         L = int(meta.get("n_layer", L))
         H = int(meta.get("n_head", H))
         if int(meta.get("n_embd", C)) != C:
@@ -69,9 +97,6 @@ def _config(tensors: dict[str, np.ndarray], cfg_path: Path | None, where) -> GPT
         if int(meta.get("vocab_size", V)) != V:
             raise GraphcError(cfg_path, f"vocab_size {meta['vocab_size']} does not match wte.weight's {V}", "vocab_size")
         eps = float(meta.get("layer_norm_epsilon", eps))
-        if meta.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise GraphcError(cfg_path, f"activation {meta['activation_function']!r} is not GPT-2's tanh GELU",
-                              "activation_function")
     if L == 0:
         raise GraphcError(where, "no transformer layers (h.0.*) found", "h.0")
     return GPT2Config(n_layer=L, n_head=H, n_embd=C, vocab_size=V, padded_vocab_size=padded(V), max_seq_len=maxT,
@@ -80,9 +105,10 @@ def _config(tensors: dict[str, np.ndarray], cfg_path: Path | None, where) -> GPT
 
 def load_hf(path: str | os.PathLike) -> Params:
     weights, cfg_path = resolve(path)
+    meta = read_gpt2_config(cfg_path) if cfg_path is not None else None  # before reading gigabytes
     raw, _ = read_safetensors(weights)
     tensors = {k.removeprefix("transformer."): v for k, v in raw.items()}
-    cfg = _config(tensors, cfg_path, weights)
+    cfg = _config(tensors, meta, cfg_path, weights)
     params = Params(cfg)
 
     def fetch(key, shape):

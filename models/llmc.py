@@ -20,6 +20,7 @@ version 5 rounds to nearest even (what PyTorch's ``.to(torch.bfloat16)`` does).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ml_dtypes
@@ -86,6 +87,16 @@ def save_llmc(params: Params, path: str | os.PathLike, version: int = 3) -> None
     with atomic_write(path) as f:
         f.write(header.tobytes())
         f.write(np.ascontiguousarray(data).tobytes())
+
+
+def llmc_model_name(cfg: GPT2Config) -> str:
+    """llm.c's file stem for a model, by parameter count without vocab padding: ``gpt2_124M``.
+
+    That gives llm.c's own names for OpenAI's sizes (124M, 355M, 774M, 1558M); smaller models
+    count in thousands (``gpt2_44K``).
+    """
+    n = num_parameters(dataclasses.replace(cfg, padded_vocab_size=cfg.vocab_size))
+    return f"gpt2_{round(n / 1e6)}M" if n >= 1_000_000 else f"gpt2_{round(n / 1e3)}K"
 
 
 def is_llmc_file(path) -> bool:

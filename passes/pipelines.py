@@ -161,6 +161,21 @@ def is_training_graph(model: onnx.ModelProto) -> bool:
     return any(o.name.startswith(GRAD_PREFIX) for o in model.graph.output)
 
 
+def legalize(model: onnx.ModelProto, backend: str) -> onnx.ModelProto:
+    """Check that ``backend`` can run every node of ``model``; a one-line error naming the
+    first node it cannot, before anything runs. Returns the model unchanged."""
+    from graphc.backends import get_backend_class
+    from graphc.errors import GraphcError
+
+    missing = get_backend_class(backend).unsupported(model)
+    if missing:
+        n = missing[0]
+        op = f"{n.domain}.{n.op_type}" if n.domain else n.op_type
+        more = f" (and {len(missing) - 1} more nodes)" if len(missing) > 1 else ""
+        raise GraphcError(backend, f"cannot run op {op} (node {n.name!r}){more}", "--backend")
+    return model
+
+
 def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None = None,
              loss: str = "loss", wrt: list[str] | None = None, dump_dir: str | os.PathLike | None = None,
              verify: bool = True, precision: str = "fp32", emulate: bool | None = None,
@@ -184,4 +199,7 @@ def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None
     if extra:
         names, name = names + extra, f"{name}+{precision}"
     passes = make_passes(names, Options(loss=loss, wrt=wrt, master_params=mode.startswith("train")))
-    return PassManager(passes, name=name, verify=verify, dump_dir=dump_dir).run(model)
+    optimized, report = PassManager(passes, name=name, verify=verify, dump_dir=dump_dir).run(model)
+    if backend is not None:
+        legalize(optimized, backend)
+    return optimized, report

@@ -1,4 +1,4 @@
-"""gpt2-xl (d48, 1.56B parameters, 6.2 GB in fp32) must work: protobuf caps a serialised
+"""GPT-2 XL size (d48, 1.56B parameters, 6.2 GB in fp32) must work: protobuf caps a serialised
 ModelProto at 2 GB, so graphc keeps weights out of its graphs (they are graph inputs) and
 exports them as external data."""
 
@@ -12,7 +12,7 @@ from graphc.models.params import num_parameters
 
 
 def test_d48_graphs_are_small_and_valid():
-    cfg = named_config("gpt2-xl")
+    cfg = named_config("d48")
     assert num_parameters(cfg) * 4 > 6e9
     fwd = build_forward(cfg)
     assert fwd.ByteSize() < 2_000_000

@@ -24,13 +24,14 @@ CFG = GPT2Config(n_layer=2, n_head=4, n_embd=64, max_seq_len=128)
 
 def test_named_sizes():
     assert num_parameters(named_config("d12")) == 124_475_904  # llm.c prints this for gpt2_124M
-    for name, (L, H, C) in {"gpt2-medium": (24, 16, 1024), "d36": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
+    for name, (L, H, C) in {"d24": (24, 16, 1024), "d36": (36, 20, 1280), "d48": (48, 25, 1600),
                             "L3H2C32": (3, 2, 32)}.items():
         cfg = named_config(name)
         assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (L, H, C)
         assert cfg.padded_vocab_size == 50304 and cfg.max_seq_len == 1024
-    with pytest.raises(GraphcError, match="unknown model size"):
-        named_config("d13")
+    for name in ("d13", "gpt2", "gpt2-medium"):  # gpt2..gpt2-xl mean the pretrained weights (test_hub.py)
+        with pytest.raises(GraphcError, match="unknown model size"):
+            named_config(name)
 
 
 def test_random_init_scheme():

@@ -11,8 +11,9 @@ from graphc.models.config import GPT2Config
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="llm.c .bin, HF model.safetensors (file or folder), or a size name "
-                        "(d12, gpt2-medium, L4H4C128) for a seeded random init")
+                   help="llm.c .bin, HF model.safetensors (file or folder), a pretrained model "
+                        "(gpt2, gpt2-medium, gpt2-large, gpt2-xl, ORG/NAME, hf:ORG/NAME[@REV]: Hugging Face "
+                        "cache, else downloaded), or a size for a seeded random init (d12, d24, d36, d48, L4H4C128)")
     p.add_argument("--seed", type=int, default=0, help="seed for random init and sampling (default 0)")
 
 
@@ -20,6 +21,9 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=sorted(REGISTRY),
                    help="execution backend (default onnxruntime, CPU)")
     p.add_argument("--no-opt", action="store_true", help="run the unoptimised graphs (no fusion passes)")
+    add_precision_arg(p, "bf16 mixed precision: BF16 compute, FP32 master weights, Adam state, "
+                         "layer-norm statistics, softmax and loss; on onnxruntime bf16 is an exact emulation "
+                         "in FP32 with values rounded to bf16 where the BF16 graph holds them")
 
 
 def add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:

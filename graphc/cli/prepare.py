@@ -1,8 +1,14 @@
-"""``graphc prepare``: tokenize Tiny Shakespeare into llm.c's train/val shards."""
+"""``graphc prepare``: tokenize Tiny Shakespeare into llm.c's train/val shards.
+
+With ``--model`` (``gpt2`` for OpenAI's GPT-2 124M) it also writes the model as llm.c's
+``gpt2_124M.bin`` (fp32) and ``gpt2_124M_bf16.bin``: with the tokenizer and the shards, the
+files of llm.c's starter pack.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from graphc.data.prepare import DEFAULT_VAL_TOKENS, find_tinyshakespeare, prepare_tinyshakespeare
 
@@ -22,14 +28,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory with OpenAI's vocab.bpe and encoder.json (default: $GRAPHC_TOKENIZER_DIR, else tiktoken's gpt2)",
     )
     parser.add_argument(
+        "--model",
+        metavar="NAME|PATH",
+        help="also write this model as llm.c's gpt2_<size>.bin and gpt2_<size>_bf16.bin (gpt2: OpenAI's GPT-2 124M)",
+    )
+    parser.add_argument(
         "--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, metavar="N", help="first N tokens form the validation split (default: %(default)s)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    params = None
+    if args.model is not None:  # first: a model that cannot be had stops the run before anything is written
+        from graphc.models.load import load_model
+
+        params = load_model(args.model)
     input_path = args.input if args.input is not None else find_tinyshakespeare()
     result = prepare_tinyshakespeare(input_path, args.out, tokenizer_dir=args.tokenizer_dir, val_tokens=args.val_tokens)
     print(f"wrote {result.val_tokens} val tokens to {result.val_path}")
     print(f"wrote {result.train_tokens} train tokens to {result.train_path}")
     print(f"wrote the llm.c tokenizer ({result.vocab_size} tokens) to {result.tokenizer_path}")
+    if params is not None:
+        _write_llmc_model(params, Path(args.out))
     return 0
+
+
+def _write_llmc_model(params, out: Path) -> None:
+    from graphc.models.llmc import llmc_model_name, save_llmc
+
+    stem = llmc_model_name(params.cfg)
+    for suffix, version in (("", 3), ("_bf16", 5)):
+        path = out / f"{stem}{suffix}.bin"
+        save_llmc(params, path, version=version)
+        print(f"wrote the model ({params.cfg.describe()}) as llm.c version {version} to {path}")

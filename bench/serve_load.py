@@ -1,0 +1,149 @@
+"""Load test of ``graphc serve`` on loopback: throughput, time to first token, time per token.
+
+    python bench/serve_load.py --model d12 --backend onnxruntime [--concurrency 1,8,32,64]
+
+Starts the server as a subprocess (``--port 0``, 127.0.0.1 only), then for each concurrency
+level runs that many clients, each sending a bounded number of streaming requests
+(``--requests`` per client, ``--max-tokens`` each, greedy, a prompt of ``--prompt-tokens``);
+every loop is bounded in count and time and the server is stopped at the end. Prints one
+table: generated tokens/s over the whole level, and time to first token / time per output
+token (the gaps between streamed tokens) at p50 and p99. ``--raw`` adds the raw batched
+decode program (``Decoder.step`` at the same batch, in this process, no HTTP) for the
+comparison the serving issue asks for (server tokens/s within 15% of it at 32 clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+LINE = re.compile(r"^serving \S+ on http://127\.0\.0\.1:(\d+) ")
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "graphc", "serve", "--model", args.model, "--port", "0", "--backend", args.backend,
+           "--precision", args.precision, "--max-batch", str(max(args.concurrency)), "--max-queue", "1024",
+           "--served-model-name", "m", "--context", str(args.prompt_tokens + args.max_tokens)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = LINE.match(line)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"server did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{match.group(1)}"
+
+
+def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int, deadline: float):
+    """(first-token seconds, [gaps between tokens], tokens) of one streaming request."""
+    t0 = time.perf_counter()
+    stamps = []
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with http.stream("POST", url + "/v1/completions", json=body, timeout=max(deadline - t0, 1)) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                if json.loads(line[6:])["choices"]:
+                    stamps.append(time.perf_counter())
+    if not stamps:
+        return None
+    return stamps[0] - t0, list(np.diff(stamps)), len(stamps)
+
+
+def level(url: str, clients: int, args) -> dict:
+    deadline = time.perf_counter() + args.level_timeout
+    rng = np.random.default_rng(clients)
+
+    def client(i: int):
+        out = []
+        with httpx.Client() as http:
+            for _ in range(args.requests):
+                if time.perf_counter() > deadline:
+                    break
+                prompt = [int(t) for t in rng.integers(1, 50000, args.prompt_tokens)]
+                res = one_request(http, url, prompt, args.max_tokens, deadline)
+                if res is not None:
+                    out.append(res)
+        return out
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    seconds = time.perf_counter() - t0
+    ttft = [r[0] for r in results]
+    gaps = [g for r in results for g in r[1]]
+    tokens = sum(r[2] for r in results)
+    pct = lambda xs, q: float(np.percentile(xs, q) * 1000) if xs else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(results), "tok_s": tokens / seconds,
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(gaps, 50), "tpot_p99": pct(gaps, 99)}
+
+
+def raw_decode(args, batch: int) -> float:
+    """tokens/s of the batched decode program alone at ``batch`` live sequences."""
+    from graphc.backends import get_backend
+    from graphc.models.load import load_model
+    from graphc.runtime.decode import DecodeSpec
+    from graphc.runtime.sampling import Sampler
+
+    backend = get_backend(args.backend)()
+    params = backend.upload_params(load_model(args.model, 0))
+    dec = backend.decoder(params, DecodeSpec(batch, args.prompt_tokens + args.max_tokens, args.precision))
+    rng = np.random.default_rng(0)
+    for _ in range(batch):
+        dec.add([int(t) for t in rng.integers(1, 50000, args.prompt_tokens)], Sampler(temperature=0))
+    steps = args.max_tokens - 2
+    dec.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        dec.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="d12")
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--concurrency", default="1,8,32,64")
+    p.add_argument("--requests", type=int, default=4, help="requests per client per level")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--level-timeout", type=float, default=300.0, help="seconds per level at most")
+    p.add_argument("--raw", action="store_true", help="also time the raw batched decode program")
+    args = p.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    proc, url = start_server(args)
+    rows = []
+    try:
+        for clients in args.concurrency:
+            rows.append(level(url, clients, args))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"\ngraphc serve, {args.model}, backend {args.backend} {args.precision}, greedy, {args.prompt_tokens}-token "
+          f"prompts, {args.max_tokens} tokens each, streaming; cpu threads {os.cpu_count()}")
+    print("| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | "
+              f"{r['tpot_p50']:.1f} | {r['tpot_p99']:.1f} |")
+    if args.raw:
+        for clients in args.concurrency:
+            if clients > 1:
+                raw = raw_decode(args, clients)
+                served = next(r["tok_s"] for r in rows if r["clients"] == clients)
+                print(f"raw batched decode at batch {clients}: {raw:.1f} tokens/s; server at {clients} clients: "
+                      f"{served / raw:.0%} of it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

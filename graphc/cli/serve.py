@@ -1,0 +1,101 @@
+"""``graphc serve``: an OpenAI-compatible completions server with continuous batching."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+from graphc.cli.common import add_model_args, add_precision_arg, positive
+from graphc.errors import GraphcError
+
+HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, streaming, continuous batching)"
+
+
+def add_arguments(p):
+    from graphc.backends import REGISTRY
+
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--backend", default="onnxruntime", choices=sorted(REGISTRY), help="execution backend")
+    add_precision_arg(p)
+    p.add_argument("--max-batch", type=positive("--max-batch"), default=32,
+                   help="sequences decoded together at most (KV-cache slots; default 32)")
+    p.add_argument("--max-queue", type=positive("--max-queue"), default=256,
+                   help="requests waiting for a slot at most; beyond it requests get 429 (default 256)")
+    p.add_argument("--context", type=positive("--context"), default=None,
+                   help="cache positions per sequence: the longest prompt + max_tokens accepted "
+                        "(default: the model's maximum sequence length)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set GRAPHC_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model as given)")
+    p.add_argument("--no-opt", action="store_true", help="run the unoptimised graphs")
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from graphc.backends import get_backend
+    from graphc.data.tokenizer import Tokenizer
+    from graphc.models.load import load_model
+    from graphc.runtime.decode import DecodeSpec
+    from graphc.runtime.serving.app import ServerConfig, build_app
+    from graphc.runtime.serving.engine import Engine
+
+    if not 0 <= args.port <= 65535:
+        raise GraphcError(None, f"must be 0..65535, got {args.port}", "--port")
+    params = load_model(args.model, args.seed)
+    cfg = params.cfg
+    context = args.context or cfg.max_seq_len
+    if context > cfg.max_seq_len:
+        raise GraphcError(None, f"{context} exceeds the model's maximum sequence length {cfg.max_seq_len}", "--context")
+    tokenizer = Tokenizer()
+    backend = get_backend(args.backend)()
+    decoder = backend.decoder(backend.upload_params(params),
+                              DecodeSpec(args.max_batch, context, args.precision, not args.no_opt))
+    engine = Engine(decoder, eot=tokenizer.eot, max_queue=args.max_queue)
+    name = args.served_model_name or args.model
+    config = ServerConfig(model_name=name, context=context, vocab_size=cfg.vocab_size, max_batch=args.max_batch,
+                          api_key=args.api_key or os.environ.get("GRAPHC_API_KEY") or None)
+    app = build_app(engine, tokenizer, config)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"serving {name} on http://{_url_host(host)}:{port} (backend {backend.name}, "
+                      f"max batch {args.max_batch})", flush=True)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGINT/SIGTERM start a graceful shutdown; the process then exits 0 (uvicorn's own
+            version re-raises the signal afterwards, which would turn a clean stop into a kill)."""
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        async def shutdown(self, sockets=None):
+            engine.stop()               # in-flight requests get their answer ("abort") and end
+            await super().shutdown(sockets)
+
+    engine.start()
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
+                                   timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    finally:
+        engine.stop()
+    if not server.started:
+        raise GraphcError(None, f"could not listen on {args.host}:{args.port} (in use, or not an address here)",
+                          "--port")
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

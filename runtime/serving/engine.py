@@ -1,0 +1,208 @@
+"""Continuous batching: one engine thread drives a backend's batched decode program.
+
+The HTTP side (``runtime/serving/app.py``) turns each completion choice into a :class:`Job`
+and :meth:`Engine.submit`\\ s it; the engine thread, between decode steps,
+
+1. admits queued jobs while the decoder has free slots (each is prefilled into its slot and
+   its first token sampled: the request has joined the running batch),
+2. runs one decode step for every live sequence,
+3. hands every new token to its job's ``emit`` callback, and frees the slot of a job that
+   finished (end of text, ``max_tokens``) or was cancelled (client gone, stop string met).
+
+So requests join and leave at step boundaries and never wait for each other to finish.
+Each job carries its own seeded :class:`~graphc.runtime.sampling.Sampler`, and the decoder
+keeps every sequence's length and position, so results do not depend on the batch.
+Admission is bounded twice: by the decoder's slots (KV-cache capacity) and by the queue
+(``max_queue``; :class:`QueueFull` beyond it, which the server answers with 429).
+
+The model runs in this thread (onnxruntime and the CUDA runtime release the GIL), while
+the asyncio loop tokenizes, detokenizes and talks HTTP: the two overlap. ``emit`` is
+called from the engine thread and must only hand the token over (the app uses
+``loop.call_soon_threadsafe``). Work that must not interleave with decoding, such as prompt
+scoring, runs on the engine thread too through :meth:`Engine.call`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable
+
+from graphc.errors import GraphcError
+from graphc.runtime.decode import Decoder, Sampled
+from graphc.runtime.sampling import Sampler
+
+EOT = 50256
+
+
+class QueueFull(Exception):
+    """The engine's queue holds ``max_queue`` jobs already."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One sequence to generate. ``emit(token, finish)`` receives every token; ``finish`` is
+    None while it goes on, then ``"stop"`` (end of text), ``"length"`` (max_tokens),
+    ``"abort"`` (engine stopped) or ``"error: ..."``; after a finish nothing more comes."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampler: Sampler
+    emit: Callable[[Sampled | None, str | None], None]
+    logprobs: int | None = None
+    cancelled: bool = False
+    generated: int = 0
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    id: int = dataclasses.field(default_factory=itertools.count().__next__)
+
+
+class Engine:
+    def __init__(self, decoder: Decoder, *, eot: int | None = EOT, max_queue: int = 256,
+                 on_first_token: Callable[[float], None] | None = None,
+                 on_step: Callable[[float, int], None] | None = None):
+        self.decoder = decoder
+        self.eot = eot
+        self.max_queue = max_queue
+        self.on_first_token = on_first_token or (lambda seconds: None)
+        self.on_step = on_step or (lambda seconds, batch: None)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[tuple[Callable, concurrent.futures.Future]] = collections.deque()
+        self._active: dict[int, Job] = {}
+        self._cond = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ from any thread
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if not self._running:
+                raise QueueFull("the engine is not running")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting already")
+            self._queue.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop ``job`` at the next step boundary (its slot is freed; no more emits)."""
+        job.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def call(self, fn: Callable):
+        """Run ``fn()`` on the engine thread between steps; a Future of its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self._running:
+                raise QueueFull("the engine is not running")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def start(self) -> "Engine":
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="graphc-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; every job still queued or running gets ``"abort"``."""
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for job in list(self._queue) + list(self._active.values()):
+            job.emit(None, "abort")
+        for _, future in self._calls:
+            future.cancel()
+        self._queue.clear()
+        self._active.clear()
+        self._calls.clear()
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not (self._queue or self._active or self._calls):
+                    self._cond.wait()
+                if not self._running:
+                    return
+                calls = list(self._calls)
+                self._calls.clear()
+                admit = []
+                while self._queue and len(admit) < self.decoder.free:
+                    admit.append(self._queue.popleft())
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # handed to the caller, never kills the engine
+                        future.set_exception(e)
+            for job in admit:
+                self._admit(job)
+            self._drop_cancelled()
+            if self._active:
+                t0 = time.perf_counter()
+                try:
+                    results = self.decoder.step()
+                except Exception as e:  # a failing step fails the running jobs, not the server
+                    self._fail_all(e)
+                    continue
+                self.on_step(time.perf_counter() - t0, len(results))
+                for slot, sampled in results.items():
+                    self._deliver(slot, self._active[slot], sampled)
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        try:
+            slot, first = self.decoder.add(job.prompt, job.sampler, logprobs=job.logprobs)
+        except GraphcError as e:
+            job.emit(None, f"error: {e.message}")
+            return
+        except Exception as e:
+            job.emit(None, f"error: {type(e).__name__}: {e}")
+            return
+        self.on_first_token(time.perf_counter() - job.submitted)
+        self._active[slot] = job
+        self._deliver(slot, job, first)
+
+    def _deliver(self, slot: int, job: Job, sampled: Sampled) -> None:
+        if job.cancelled:
+            self._release(slot)
+            return
+        job.generated += 1
+        finish = None
+        if self.eot is not None and sampled.token == self.eot:
+            finish = "stop"
+        elif job.generated >= job.max_tokens:
+            finish = "length"
+        job.emit(sampled, finish)
+        if finish is not None:
+            self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        self._active.pop(slot, None)
+        self.decoder.remove(slot)
+
+    def _drop_cancelled(self) -> None:
+        for slot, job in list(self._active.items()):
+            if job.cancelled:
+                self._release(slot)
+
+    def _fail_all(self, error: Exception) -> None:
+        for slot, job in list(self._active.items()):
+            job.emit(None, f"error: {type(error).__name__}: {error}")
+            self._release(slot)
