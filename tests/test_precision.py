@@ -132,7 +132,7 @@ def test_no_bf16_statistics_softmax_or_loss(train_bf16):
 
 
 def test_inference_graph_has_bf16_parameters():
-    model, _ = optimize(build_forward(SMALL, loss=False, logits=True), "infer", precision="bf16", backend="tensorrt")
+    model, _ = optimize(build_forward(SMALL, loss=False, logits=True), "infer", precision="bf16", emulate=False)
     t = types_of(model)
     assert all(t[s.name] == BF16 for s in param_specs(SMALL))
     assert t["logits"] == FP32
@@ -140,7 +140,7 @@ def test_inference_graph_has_bf16_parameters():
 
 
 def test_kv_cache_in_bf16():
-    model, report = optimize(build_decode(SMALL), "infer", precision="bf16", backend="tensorrt")
+    model, report = optimize(build_decode(SMALL), "infer", precision="bf16", emulate=False)
     t = types_of(model)
     caches = [v.name for v in model.graph.input if v.name.startswith("past.")]
     assert caches and all(t[c] == BF16 for c in caches)
