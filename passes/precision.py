@@ -438,7 +438,7 @@ class EmulateBF16:
 
         rename: dict[str, str] = {}
         for v in g.input:
-            if types.get(v.name) == BF16:
+            if types.get(v.name) == BF16 and not is_kv_input(v.name):
                 rename[v.name] = fresh(f"{v.name}/rounded")
                 rounding(v.name, rename[v.name])
         for n in g.node:
@@ -475,5 +475,11 @@ class EmulateBF16:
 def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` (a bf16 graph from :func:`to_bf16`) in float32, every value it holds in
     bf16 rounded to bf16 exactly there (``Cast`` to BFLOAT16 and back): runnable on
-    onnxruntime's CPU, and the numeric reference for bf16 kernels."""
+    onnxruntime's CPU, and the numeric reference for bf16 kernels.
+
+    bf16 graph inputs are rounded on entry (float32 parameters fed to an inference graph),
+    except the KV caches ``past.*``: they hold what the previous step's ``present.*``
+    outputs wrote, already bf16-exact, and feeding them straight to ``TensorScatter``
+    keeps its in-place cache update (a rounded copy would copy the whole cache per step).
+    """
     return EmulateBF16()(model)[0]

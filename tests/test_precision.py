@@ -175,6 +175,18 @@ def test_unfused_graphs_are_safe():
     ref, em = run_onnxruntime(optimize(build_decode(SMALL), "infer")[0], feeds), run_onnxruntime(decode, feeds)
     assert U_BF16 / 4 < rel_err(em["logits"], ref["logits"]) < 4 * U_BF16
     assert np.array_equal(em["present.0.key"].astype(ml_dtypes.bfloat16).astype(np.float32), em["present.0.key"])
+    # the caches reach TensorScatter unrounded (bf16-exact already): its update stays in place
+    scatters = [n for n in decode.graph.node if n.op_type == "TensorScatter"]
+    assert scatters and all(n.input[0].startswith("past.") and "/" not in n.input[0] for n in scatters)
+
+
+def test_bf16_adds_no_tensorrt_violation(train32, train_bf16):
+    """TensorRT parses the bf16 training graph as well as the fp32 one (kernels inlined, as
+    TensorRT inlines local functions): the pass adds only Cast/CastLike, which it supports."""
+    from trt_ops import violations
+
+    plain = set(violations(onnx.inliner.inline_local_functions(train32)))
+    assert set(violations(onnx.inliner.inline_local_functions(train_bf16))) <= plain
 
 
 # ----------------------------------------------------------------------------- emulation
