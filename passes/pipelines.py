@@ -37,6 +37,7 @@ from graphc.passes.fusions.backward import FuseBackward
 from graphc.passes.fusions.cross_entropy import fuse_cross_entropy
 from graphc.passes.fusions.gelu import fuse_gelu
 from graphc.passes.fusions.layernorm import fuse_layernorm
+from graphc.passes.fusions.masked_attention import fuse_masked_attention
 from graphc.passes.manager import Pass, PassManager, Report
 from graphc.passes.precision import EmulateBF16, PrecisionBF16
 from graphc.passes.remove_identity import RemoveIdentity
@@ -93,6 +94,7 @@ PASSES: dict[str, Callable[[Options], Pass]] = {
     "fuse_layernorm": lambda o: fuse_layernorm(),
     "fuse_gelu": lambda o: fuse_gelu(),
     "fuse_attention": lambda o: fuse_attention(),
+    "fuse_masked_attention": lambda o: fuse_masked_attention(),
     "fuse_cross_entropy": lambda o: fuse_cross_entropy(),
     "autodiff": lambda o: Differentiate(o.loss, o.wrt),
     "fuse_backward": lambda o: FuseBackward(o.loss),
@@ -112,8 +114,10 @@ PIPELINES: dict[str, list[str]] = {
     # then whatever forward-only patterns are left (an extra logits output, say)
     "train_graph": ["shape_inference", "fuse_backward", *CLEANUP, *FORWARD_FUSIONS, "fold_transpose", *CLEANUP],
 }
-# TensorRT wants exactly the standard ops the infer pipeline emits (its backend is planned).
-PIPELINES["infer:tensorrt"] = PIPELINES["infer"]
+# TensorRT: the standard ops of the infer pipeline, plus attention under a KV-cache mask
+# fused to Attention(attn_mask) (the decode graph's), which TensorRT maps to IAttention.
+PIPELINES["infer:tensorrt"] = ["shape_inference", *CLEANUP, *FORWARD_FUSIONS, "fuse_masked_attention",
+                               "fold_transpose", "cse", "dce"]
 
 
 # The passes a precision appends to a pipeline (after the fusions and the cleanup).

@@ -12,7 +12,7 @@ from graphc.errors import GraphcError
 
 REGISTRY = {
     "onnxruntime": "graphc.backends.onnxruntime:OnnxRuntimeBackend",
-    # "tensorrt" and "cuda" join this table when their lowerings land (GPU issues).
+    "tensorrt": "graphc.backends.tensorrt:TensorRTBackend",
 }
 
 

@@ -19,7 +19,7 @@ import sys
 
 from graphc.errors import GraphcError
 
-COMMANDS = ["prepare", "eval", "train", "grad", "generate", "export", "validate", "compile", "serve"]
+COMMANDS = ["prepare", "eval", "train", "grad", "generate", "export", "validate", "compile", "serve", "engine"]
 
 
 def _load(name: str):
