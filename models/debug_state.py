@@ -201,9 +201,11 @@ def compute(params: Params, inputs: np.ndarray, targets: np.ndarray, *, grads: b
         model = differentiate(model, loss="loss", wrt=params.names())  # keeps logits and loss
         g = params.like()
         outputs = {grad_name(name): g[name] for name in params.names()}
-    from graphc.runtime.programs import prepare
+    from graphc.backends import get_backend
 
-    out = prepare(model, params, backend).run(feeds, outputs=outputs)
+    program = get_backend(backend)().prepare(model)
+    program.bind(params.feeds())
+    out = program.run(feeds, outputs=outputs)
     return np.asarray(out["logits"]), float(np.asarray(out["loss"])), g
 
 

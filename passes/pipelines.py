@@ -128,9 +128,24 @@ def is_training_graph(model: onnx.ModelProto) -> bool:
     return any(o.name.startswith(GRAD_PREFIX) for o in model.graph.output)
 
 
+def legalize(model: onnx.ModelProto, backend: str) -> onnx.ModelProto:
+    """Check that ``backend`` can run every node of ``model``; a one-line error naming the
+    first node it cannot, before anything runs. Returns the model unchanged."""
+    from graphc.backends import get_backend_class
+    from graphc.errors import GraphcError
+
+    missing = get_backend_class(backend).unsupported(model)
+    if missing:
+        n = missing[0]
+        op = f"{n.domain}.{n.op_type}" if n.domain else n.op_type
+        more = f" (and {len(missing) - 1} more nodes)" if len(missing) > 1 else ""
+        raise GraphcError(backend, f"cannot run op {op} (node {n.name!r}){more}", "--backend")
+    return model
+
+
 def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None = None,
-             loss: str = "loss", wrt: list[str] | None = None, dump_dir: str | os.PathLike | None = None,
-             verify: bool = True) -> tuple[onnx.ModelProto, Report]:
+             precision: str = "fp32", loss: str = "loss", wrt: list[str] | None = None,
+             dump_dir: str | os.PathLike | None = None, verify: bool = True) -> tuple[onnx.ModelProto, Report]:
     """Optimise a graph for ``mode`` (``infer`` or ``train``); returns (model, report).
 
     ``train`` takes the forward graph with its ``loss`` output and returns the training
@@ -141,6 +156,13 @@ def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None
     """
     if mode == "train" and is_training_graph(model):
         mode = "train_graph"
+    if precision != "fp32":
+        from graphc.errors import GraphcError
+
+        raise GraphcError(precision, "only fp32 is available in this build", "--precision")
     name, names = pipeline_for(mode, backend)
     passes = make_passes(names, Options(loss=loss, wrt=wrt))
-    return PassManager(passes, name=name, verify=verify, dump_dir=dump_dir).run(model)
+    optimized, report = PassManager(passes, name=name, verify=verify, dump_dir=dump_dir).run(model)
+    if backend is not None:
+        legalize(optimized, backend)
+    return optimized, report

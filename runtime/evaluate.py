@@ -19,11 +19,12 @@ def check_batches(loader: TokenLoader, n: int, where) -> None:
                           f"but the data holds only {available}", "--batches")
 
 
-def mean_loss(prepared, loader: TokenLoader, n: int) -> float:
-    """Reset ``loader`` and average the loss of its first ``n`` batches (float64 sum)."""
+def mean_loss(evaluator, loader: TokenLoader, n: int) -> float:
+    """Reset ``loader`` and average the loss of ``evaluator`` (a
+    :class:`~graphc.runtime.programs.Evaluator`) over its first ``n`` batches (float64 sum)."""
     loader.reset()
     total = 0.0
     for _ in range(n):
         inputs, targets = loader.next_batch()
-        total += float(prepared.run({"tokens": inputs, "targets": targets})["loss"])
+        total += evaluator.loss(inputs, targets)
     return float(np.float32(total / n))

@@ -1,26 +1,18 @@
 """Autoregressive generation for GPT-2, with or without the KV cache.
 
-With the cache (the default) a batch of prompts is generated as
-
-1. **prefill**: the prompts, right-padded to the longest, run once through
-   :func:`graphc.models.kv_cache.build_prefill`; each sequence's K/V land in slots
-   ``0..len-1`` of per-layer caches ``[B, H, capacity, D]`` preallocated here with
-   ``capacity = longest prompt + max_new_tokens``, and the logits of each prompt's last
-   token come back;
-2. **decode**: one token per sequence per step through
-   :func:`graphc.models.kv_cache.build_decode`, which writes the new K/V at slot
-   ``past_len[b]`` (each sequence its own length) and attends over the cache, masked by
-   position.
-
-The cache arrays are passed as the graphs' ``past.*`` inputs *and* bound as their
-``present.*`` outputs, so TensorScatter updates them in place: no per-token copies or
-reallocations, and parameters are bound once.
+With the cache (the default) a batch of prompts runs on the backend's batched decode
+program (:class:`graphc.runtime.decode.Decoder`): each prompt is prefilled into its own slot
+of a preallocated cache (``capacity = longest prompt + max_new_tokens``) and then every live
+sequence advances one token per decode step, at its own length and position. The cache is
+updated in place by the graphs' ``TensorScatter`` (no per-token copies), parameters are
+bound once, and each sequence samples with its own seeded random stream
+(:meth:`Sampler.for_sequence`), so a prompt's tokens do not depend on the others in the batch.
 
 Without the cache (``kv_cache=False``) every step recomputes the whole sequence with the
 plain forward graph: the slow, obviously-correct reference the cache must agree with.
 
 Each sequence stops at ``<|endoftext|>`` (kept as its last token) or after
-``max_new_tokens``; a batch finishes when all its sequences have.
+``max_new_tokens``; a finished sequence leaves the batch (its slot is freed).
 """
 
 from __future__ import annotations
@@ -32,9 +24,9 @@ import numpy as np
 from graphc.backends import get_backend
 from graphc.errors import GraphcError
 from graphc.models.gpt2 import build_forward
-from graphc.models.kv_cache import build_decode, build_prefill, cache_shape, past_name, present_name
 from graphc.models.params import Params
-from graphc.runtime.programs import optimize, prepare
+from graphc.runtime.decode import DecodeSpec
+from graphc.runtime.programs import compile_graph
 from graphc.runtime.sampling import Sampler
 
 EOT = 50256
@@ -70,109 +62,93 @@ class Generator:
     """Generate continuations of token-id prompts with one model on one backend."""
 
     def __init__(self, params: Params, *, kv_cache: bool = True, backend: str = "onnxruntime",
-                 eot: int | None = EOT, opt: bool = True):
-        self.params = params
-        self.opt = opt
+                 eot: int | None = EOT, opt: bool = True, precision: str = "fp32"):
         self.cfg = params.cfg
         self.kv_cache = kv_cache
-        get_backend(backend)  # a one-line error now for an unusable backend, not at the first prompt
-        self.backend_name = backend
-        self.eot = eot
-        self._programs: dict[str, object] = {}
-
-    def _program(self, kind: str):
-        if kind not in self._programs:
-            model = {"prefill": lambda: build_prefill(self.cfg),
-                     "decode": lambda: build_decode(self.cfg),
-                     "forward": lambda: build_forward(self.cfg, loss=False, logits=True)}[kind]()
-            if self.opt:
-                model = optimize(model, "infer")
-            self._programs[kind] = prepare(model, self.params, self.backend_name)
-        return self._programs[kind]
+        self.backend = get_backend(backend)()  # a one-line error now for an unusable backend
+        self.params = self.backend.upload_params(params)
+        self.eot, self.opt, self.precision = eot, opt, precision
+        self._forward = None
 
     # ------------------------------------------------------------------ public
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  sampler: Sampler | None = None) -> list[list[int]]:
-        """The generated ids of each prompt (ending with EOT where a sequence stopped on it)."""
+        """The generated ids of each prompt (ending with EOT where a sequence stopped on it).
+
+        ``sampler`` gives the settings and the seed; sequence ``i`` samples with its own
+        stream, ``sampler.for_sequence(i)``."""
         prompts = check_prompts(prompts, max_new_tokens, self.cfg)
         sampler = sampler if sampler is not None else Sampler(temperature=0.0)
         if max_new_tokens == 0:
             return [[] for _ in prompts]
-        steps = self._kv_steps if self.kv_cache else self._full_steps
-        B = len(prompts)
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = np.zeros(B, dtype=bool)
-        gen = steps(prompts, max_new_tokens)
-        logits = next(gen)
-        for step in range(max_new_tokens):
-            tokens = sampler(logits)                                       # [B]
-            for b in np.flatnonzero(~done):
-                out[b].append(int(tokens[b]))
-            if self.eot is not None:
-                done |= tokens == self.eot
-            if done.all() or step == max_new_tokens - 1:
-                break
-            logits = gen.send(tokens)
-        gen.close()
-        return out
+        samplers = [sampler.for_sequence(i) for i in range(len(prompts))]
+        run = self._with_cache if self.kv_cache else self._without_cache
+        return run(prompts, max_new_tokens, samplers)
+
+    def _finished(self, seq: list[int], max_new_tokens: int) -> bool:
+        return len(seq) >= max_new_tokens or (self.eot is not None and seq[-1] == self.eot)
 
     # ------------------------------------------------------------------ step loops
-    def _kv_steps(self, prompts: list[list[int]], max_new_tokens: int):
-        """Yields logits [B, V]; is sent the tokens chosen from them."""
-        cfg, B = self.cfg, len(prompts)
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        T = int(lengths.max())
-        capacity = T + max_new_tokens
-        tokens = np.zeros((B, T), dtype=np.int64)
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = p
-        caches = {}
-        for layer in range(cfg.n_layer):
-            for kind in ("key", "value"):
-                caches[past_name(layer, kind)] = np.zeros(cache_shape(cfg, B, capacity), dtype=np.float32)
-        # present.* are written straight into the past.* buffers (TensorScatter in place)
-        in_place = {present_name(layer, kind): caches[past_name(layer, kind)]
-                    for layer in range(cfg.n_layer) for kind in ("key", "value")}
-        logits = self._program("prefill").run({"tokens": tokens, "lengths": lengths, **caches},
-                                              outputs=in_place)["logits"]
-        decode = self._program("decode")
-        past_len = lengths.copy()
-        while True:
-            new = yield logits
-            logits = decode.run({"tokens": np.asarray(new, dtype=np.int64).reshape(B, 1), "past_len": past_len,
-                                 **caches}, outputs=in_place)["logits"][:, -1]
-            past_len += 1
+    def _with_cache(self, prompts, max_new_tokens, samplers) -> list[list[int]]:
+        capacity = max(len(p) for p in prompts) + max_new_tokens
+        decoder = self.backend.decoder(self.params, DecodeSpec(len(prompts), capacity, self.precision, self.opt))
+        out: list[list[int]] = [[] for _ in prompts]
+        slot_of = {}
+        for i, (prompt, sampler) in enumerate(zip(prompts, samplers)):
+            slot, first = decoder.add(prompt, sampler)
+            out[i].append(first.token)
+            if self._finished(out[i], max_new_tokens):
+                decoder.remove(slot)
+            else:
+                slot_of[slot] = i
+        while slot_of:
+            for slot, sampled in decoder.step().items():
+                i = slot_of[slot]
+                out[i].append(sampled.token)
+                if self._finished(out[i], max_new_tokens):
+                    decoder.remove(slot)
+                    del slot_of[slot]
+        return out
 
-    def _full_steps(self, prompts: list[list[int]], max_new_tokens: int):
-        """The reference: recompute every sequence from scratch at each step."""
-        forward = self._program("forward")
+    def _without_cache(self, prompts, max_new_tokens, samplers) -> list[list[int]]:
+        """The reference: recompute every live sequence from scratch at each step."""
+        if self._forward is None:
+            model = compile_graph(build_forward(self.cfg, loss=False, logits=True), "infer", opt=self.opt,
+                                  backend=self.backend.name, precision=self.precision)
+            self._forward = self.backend.prepare(model)
+            self._forward.bind(self.params.views())
         seqs = [list(p) for p in prompts]
-        B = len(seqs)
-        while True:
-            lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-            tokens = np.zeros((B, int(lengths.max())), dtype=np.int64)
-            for b, s in enumerate(seqs):
-                tokens[b, :len(s)] = s
-            logits = forward.run({"tokens": tokens})["logits"]                  # [B, T, V]
-            new = yield logits[np.arange(B), lengths - 1]
-            for b in range(B):
-                seqs[b].append(int(new[b]))
+        out: list[list[int]] = [[] for _ in prompts]
+        live = list(range(len(prompts)))
+        while live:
+            lengths = np.array([len(seqs[i]) for i in live], dtype=np.int64)
+            tokens = np.zeros((len(live), int(lengths.max())), dtype=np.int64)
+            for row, i in enumerate(live):
+                tokens[row, :len(seqs[i])] = seqs[i]
+            logits = self._forward.run({"tokens": tokens})["logits"]            # [b, T, V]
+            for row, i in enumerate(live):
+                token = int(samplers[i](logits[row:row + 1, lengths[row] - 1])[0])
+                seqs[i].append(token)
+                out[i].append(token)
+            live = [i for i in live if not self._finished(out[i], max_new_tokens)]
+        return out
 
 
 def generate(params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = 0,
              kv_cache: bool = True, backend: str = "onnxruntime", eot: int | None = EOT, opt: bool = True,
-             ) -> list[list[int]]:
+             precision: str = "fp32") -> list[list[int]]:
     """One-call generation: ``generate(params, [[464, 3290]], 20)`` -> ``[[...20 ids...]]``."""
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    return Generator(params, kv_cache=kv_cache, backend=backend, eot=eot, opt=opt).generate(
+    return Generator(params, kv_cache=kv_cache, backend=backend, eot=eot, opt=opt, precision=precision).generate(
         prompts, max_new_tokens, sampler)
 
 
 def sample_text(params: Params, max_new_tokens: int = 64, *, seed: int = 0, backend: str = "onnxruntime",
-                opt: bool = True) -> str:
+                opt: bool = True, precision: str = "fp32") -> str:
     """A sample from ``<|endoftext|>``, sampled from the full distribution (as llm.c's trainer)."""
     from graphc.data.tokenizer import Tokenizer
 
-    ids = generate(params, [[EOT]], max_new_tokens, temperature=1.0, seed=seed, backend=backend, opt=opt)[0]
+    ids = generate(params, [[EOT]], max_new_tokens, temperature=1.0, seed=seed, backend=backend, opt=opt,
+                   precision=precision)[0]
     return Tokenizer().decode([t for t in ids if t != EOT])

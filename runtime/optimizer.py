@@ -14,6 +14,10 @@ The update is vectorised numpy, applied in cache-sized chunks with preallocated 
 so that the ~10 elementwise passes over 124M parameters stay in L2 instead of streaming
 the whole model through memory ten times; the chunks are shared among one worker thread
 per core (numpy releases the GIL inside ufuncs). Optimizer state is always float32.
+
+``shard=(start, stop)`` restricts the optimizer to that range of the flat buffers, with m
+and v of just that size: the seam for ZeRO-1, where each data-parallel rank updates (and
+stores the state of) its own slice and the slices are all-gathered afterwards.
 """
 
 from __future__ import annotations
@@ -38,11 +42,17 @@ class AdamWConfig:
 
 
 class AdamW:
-    def __init__(self, n: int, config: AdamWConfig, decay_mask: np.ndarray | None = None):
+    def __init__(self, n: int, config: AdamWConfig, decay_mask: np.ndarray | None = None,
+                 shard: tuple[int, int] | None = None):
         self.config = config
-        self.m = np.zeros(n, dtype=np.float32)
-        self.v = np.zeros(n, dtype=np.float32)
-        self.decay_mask = decay_mask  # float32 {0,1} per element, or None = decay everything
+        self.shard = shard if shard is not None else (0, n)
+        start, stop = self.shard
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"shard {self.shard} outside the {n} parameters")
+        self.m = np.zeros(stop - start, dtype=np.float32)
+        self.v = np.zeros(stop - start, dtype=np.float32)
+        # float32 {0,1} per element (of the shard), or None = decay everything
+        self.decay_mask = decay_mask[start:stop] if decay_mask is not None else None
         self.workers = max(1, int(os.environ.get("GRAPHC_THREADS", "0")) or os.cpu_count() or 1)
         self._scratch = [(np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)) for _ in range(self.workers)]
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
@@ -56,14 +66,21 @@ class AdamW:
             total += float(np.dot(g, g))
         return float(np.sqrt(total))
 
-    def step(self, params: np.ndarray, grads: np.ndarray, t: int, lr: float) -> float:
-        """One update in place; returns the gradient norm (computed only when clipping)."""
+    def step(self, params: np.ndarray, grads: np.ndarray, t: int, lr: float, norm: float | None = None) -> float:
+        """One update in place of the shard of ``params`` (flat, the whole model); returns the
+        gradient norm (computed only when clipping).
+
+        ``norm`` may be given when the gradients are sharded and the caller has reduced the
+        norm over every rank."""
         c = self.config
-        norm = 0.0
+        start, stop = self.shard
+        params, grads = params[start:stop], grads[start:stop]
         if c.grad_clip > 0:
-            norm = self.grad_norm(grads)
+            norm = self.grad_norm(grads) if norm is None else norm
             if norm > c.grad_clip:
                 grads *= np.float32(c.grad_clip / norm)
+        else:
+            norm = 0.0
         f32 = np.float32
         b1, b2 = f32(c.beta1), f32(c.beta2)
         consts = (b1, b2, f32(1.0) - b1, f32(1.0) - b2, f32(1.0) - b1 ** f32(t), f32(1.0) - b2 ** f32(t),

@@ -131,6 +131,12 @@ class Sampler:
         check_settings(self.temperature, self.top_k, self.top_p)
         self.rng = np.random.default_rng(self.seed)
 
+    def for_sequence(self, index: int) -> "Sampler":
+        """The same settings with sequence ``index``'s own random stream (seed + index), so that
+        each sequence of a batch samples independently of the others (and of the batch)."""
+        seed = None if self.seed is None else self.seed + index
+        return Sampler(self.temperature, self.top_k, self.top_p, seed)
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0

@@ -1,9 +1,11 @@
-"""The compiled training runner: forward + backward as one graph, AdamW on flat buffers.
+"""The compiled training runner: drives a backend's train-step program over the data.
 
-One step is: next batch from the loader (llm.c's order), run the training graph (loss and
-every parameter gradient, written by the backend straight into one flat gradient buffer
-with llm.c's layout), optionally clip, AdamW in place on the flat parameter buffer that the
-backend reads its weights from. No parameter or gradient is copied per step.
+One step is: next batch from the loader (llm.c's order), then one call of the backend's
+:class:`~graphc.runtime.programs.TrainStep` (forward, backward, optional clip, AdamW, all
+on the backend's device), which returns the loss. The runner never touches the backend's
+buffers: parameters and optimizer state come back to the host only for a checkpoint or a
+sample (:meth:`TrainStep.read_params`), and validation runs the backend's
+:class:`~graphc.runtime.programs.Evaluator`, which shares the step's parameters.
 
 The printed lines are a contract other tools parse (see the README):
 
@@ -19,15 +21,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
+from graphc.backends import get_backend
 from graphc.data.shards import TokenLoader
 from graphc.errors import GraphcError
 from graphc.models.params import Params
 from graphc.runtime import checkpoint
 from graphc.runtime.evaluate import mean_loss
-from graphc.runtime.optimizer import AdamW, AdamWConfig
-from graphc.runtime.programs import forward_graph, prepare, training_graph
+from graphc.runtime.optimizer import AdamWConfig
+from graphc.runtime.programs import TrainSpec
 from graphc.runtime.schedule import SCHEDULES
 from graphc.runtime.trainlog import TrainLog
 
@@ -50,11 +51,13 @@ class TrainConfig:
     shuffle: bool = False
     checkpoint_every: int = 0
     backend: str = "onnxruntime"
+    precision: str = "fp32"
     opt: bool = True
 
     def resumable(self) -> dict:
         """The settings a resumed run must share with the original for bit-for-bit results."""
-        keep = ("B", "T", "steps", "schedule", "warmup", "lr_final_frac", "decay_matrices_only", "shuffle", "seed")
+        keep = ("B", "T", "steps", "schedule", "warmup", "lr_final_frac", "decay_matrices_only", "shuffle", "seed",
+                "precision")
         return {k: getattr(self, k) for k in keep} | {"adamw": dataclasses.asdict(self.adamw)}
 
 
@@ -76,21 +79,13 @@ class Trainer:
             raise GraphcError(val_data, f"--val-batches {config.val_batches} exceeds the "
                               f"{self.val_loader.batches_per_epoch()} batches in the val data", "--val-batches")
 
-        self.grads = np.zeros_like(params.flat)
-        grad_params = params.like(self.grads)
-        from graphc.passes.autodiff import grad_name
-
-        self.grad_outputs = {grad_name(s.name): grad_params[s.name] for s in params.specs}
-        self.train_program = prepare(training_graph(cfg, opt=config.opt), params, config.backend)
-        self.eval_program = (prepare(forward_graph(cfg, loss=True, logits=False, opt=config.opt), params,
-                                     config.backend) if self.val_loader else None)
-        mask = None
-        if config.decay_matrices_only:
-            mask = np.zeros_like(params.flat)
-            for s in params.specs:
-                if s.is_matrix:
-                    mask[s.offset:s.offset + s.size] = 1.0
-        self.optimizer = AdamW(params.flat.size, config.adamw, mask)
+        backend = get_backend(config.backend)()
+        device_params = backend.upload_params(params)
+        self.program = backend.train_step(device_params, TrainSpec(
+            B=config.B, T=config.T, precision=config.precision, adamw=config.adamw,
+            decay_matrices_only=config.decay_matrices_only, opt=config.opt))
+        self.evaluator = (backend.evaluator(device_params, config.B, config.T, precision=config.precision,
+                                            opt=config.opt) if self.val_loader else None)
         self.schedule = SCHEDULES[config.schedule](config.adamw.lr, config.steps, config.warmup,
                                                    config.lr_final_frac)
         self.step = 0
@@ -111,8 +106,8 @@ class Trainer:
         if diffs:
             raise GraphcError(self.out, f"settings differ from the interrupted run: {', '.join(diffs)} "
                               "(resume needs the same ones to continue bit for bit)", "--resume")
-        self.params.flat[...] = params.flat  # in place: the backend holds views of this buffer
-        self.optimizer.load_state({"m": m, "v": v})
+        self.program.write_params(params.flat)
+        self.program.load_optimizer_state({"m": m, "v": v})
         self.train_loader.restore(state["loader"])
         self.step = int(state["step"])
         self.log = TrainLog(state.get("log", []))
@@ -121,29 +116,30 @@ class Trainer:
         if self.out is None:
             return
         state = {"loader": self.train_loader.state(), "config": self.config.resumable(), "log": self.log.rows}
-        checkpoint.save(self.out, self.step, self.params, self.optimizer.m, self.optimizer.v, state)
+        opt_state = self.program.optimizer_state()
+        checkpoint.save(self.out, self.step, Params(self.params.cfg, self.program.read_params()),
+                        opt_state["m"], opt_state["v"], state)
         self.log.write(self.out)
 
     # ------------------------------------------------------------------ steps
     def validate(self, step: int) -> float | None:
         if self.val_loader is None:
             return None
-        loss = mean_loss(self.eval_program, self.val_loader, self.config.val_batches)
+        loss = mean_loss(self.evaluator, self.val_loader, self.config.val_batches)
         self.emit(f"val loss {loss:.6f}")
         self.log.add("val", step, loss)
         return loss
 
     def sample(self, step: int) -> None:
         if self.sampler is not None:
-            self.emit(f"generating:\n---\n{self.sampler(self.params, self.config.seed + step)}\n---")
+            weights = self.program.params.to_host()
+            self.emit(f"generating:\n---\n{self.sampler(weights, self.config.seed + step)}\n---")
 
     def train_step(self) -> float:
         t0 = time.perf_counter()
         inputs, targets = self.train_loader.next_batch()
-        out = self.train_program.run({"tokens": inputs, "targets": targets}, outputs=self.grad_outputs)
-        loss = float(out["loss"])
         lr = self.schedule(self.step)
-        self.optimizer.step(self.params.flat, self.grads, self.step + 1, lr)
+        loss = self.program.run(inputs, targets, t=self.step + 1, lr=lr).loss
         ms = (time.perf_counter() - t0) * 1000
         self.emit(f"step {self.step}: train loss {loss:.6f} (took {ms:.1f} ms)")
         self.log.add("train", self.step, loss, lr, ms)

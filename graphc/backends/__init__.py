@@ -16,15 +16,20 @@ REGISTRY = {
 }
 
 
-def get_backend(name: str):
-    """The backend class for ``name``, or a one-line error saying why it cannot be used."""
+def get_backend_class(name: str):
+    """The backend class for ``name`` (importable, not necessarily usable here)."""
     if name not in REGISTRY:
         raise GraphcError(name, f"unknown backend (known: {', '.join(REGISTRY)})", "--backend")
     module, cls = REGISTRY[name].split(":")
     try:
-        backend = getattr(importlib.import_module(module), cls)
+        return getattr(importlib.import_module(module), cls)
     except ImportError as e:
         raise GraphcError(name, f"backend is not available here: {e}", "--backend") from None
+
+
+def get_backend(name: str):
+    """The backend class for ``name``, or a one-line error saying why it cannot be used here."""
+    backend = get_backend_class(name)
     ok, why = backend.available()
     if not ok:
         raise GraphcError(name, f"backend is not available here: {why}", "--backend")

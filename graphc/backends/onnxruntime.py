@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from graphc.backends.base import Backend, Prepared
+from graphc.backends.base import Backend, Executable, Feed
+from graphc.backends.buffer import host_array
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -43,13 +44,13 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, threads: int | None = None):
         self.threads = threads
 
-    def prepare(self, model: onnx.ModelProto | str) -> "OrtPrepared":
+    def prepare(self, model: onnx.ModelProto | str) -> "OrtExecutable":
         data = model if isinstance(model, str) else model.SerializeToString()
         sess = ort.InferenceSession(data, session_options(self.threads), providers=["CPUExecutionProvider"])
-        return OrtPrepared(sess)
+        return OrtExecutable(sess)
 
 
-class OrtPrepared(Prepared):
+class OrtExecutable(Executable):
     def __init__(self, session: ort.InferenceSession):
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
@@ -57,24 +58,25 @@ class OrtPrepared(Prepared):
         self._bound: dict[str, ort.OrtValue] = {}
         self._keepalive: dict[str, np.ndarray] = {}
 
-    def bind(self, feeds: Mapping[str, np.ndarray]) -> None:
-        for name, arr in feeds.items():
+    def bind(self, feeds: Mapping[str, Feed]) -> None:
+        for name, value in feeds.items():
             if name not in self.input_names:
                 continue
+            arr = host_array(value)
             if not (arr.flags.c_contiguous and arr.flags.writeable):
                 arr = np.ascontiguousarray(arr)
             self._keepalive[name] = arr  # the OrtValue borrows this memory
             self._bound[name] = ort.OrtValue.ortvalue_from_numpy(arr)
 
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None,
+    def run(self, feeds: Mapping[str, Feed], outputs: Mapping[str, Feed] | None = None,
             ) -> dict[str, np.ndarray]:
         io = self.session.io_binding()
         for name, value in self._bound.items():
             if name not in feeds:
                 io.bind_ortvalue_input(name, value)
-        for name, arr in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        outputs = outputs or {}
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(host_array(value)))
+        outputs = {name: host_array(value) for name, value in (outputs or {}).items()}
         for name in self.output_names:
             if name in outputs:
                 arr = outputs[name]

@@ -17,15 +17,17 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from graphc.backends import get_backend
     from graphc.data.shards import TokenLoader
     from graphc.models.load import load_model
     from graphc.runtime.evaluate import check_batches, mean_loss
-    from graphc.runtime.programs import forward_graph, prepare
 
+    backend = get_backend(args.backend)()
     params = load_model(args.model, args.seed)
     check_seq_len(params.cfg, args.T)
     loader = TokenLoader(args.data, args.B, args.T, vocab_size=params.cfg.vocab_size)
     check_batches(loader, args.batches, args.data)
-    program = prepare(forward_graph(params.cfg, loss=True, logits=False, opt=not args.no_opt), params, args.backend)
-    print(f"val loss {mean_loss(program, loader, args.batches):.6f}")
+    evaluator = backend.evaluator(backend.upload_params(params), args.B, args.T, precision=args.precision,
+                                  opt=not args.no_opt)
+    print(f"val loss {mean_loss(evaluator, loader, args.batches):.6f}")
     return 0

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                    for i, text in enumerate(args.prompt_ids)]
     params = load_model(args.model, args.seed)
     check_prompts(prompts, args.max_new_tokens, params.cfg, "--prompt" if args.prompt is not None else "--prompt-ids")  # fail before building any graph
-    generator = Generator(params, kv_cache=not args.no_kv_cache, backend=args.backend, opt=not args.no_opt)
+    generator = Generator(params, kv_cache=not args.no_kv_cache, backend=args.backend, opt=not args.no_opt,
+                          precision=args.precision)
     outputs = generator.generate(prompts, args.max_new_tokens, sampler)
 
     if args.print_ids:

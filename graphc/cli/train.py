@@ -55,7 +55,8 @@ def run(args) -> int:
         schedule=args.schedule, warmup=args.warmup, lr_final_frac=args.lr_final_frac,
         decay_matrices_only=args.decay_matrices_only, val_every=args.val_every, val_batches=args.val_batches,
         sample_every=args.sample_every, sample_tokens=args.sample_tokens, seed=args.seed, shuffle=args.shuffle,
-        checkpoint_every=args.checkpoint_every, backend=args.backend, opt=not args.no_opt,
+        checkpoint_every=args.checkpoint_every, backend=args.backend, precision=args.precision,
+        opt=not args.no_opt,
     )
     sampler = make_sampler(config) if args.sample_every > 0 else None
     trainer = Trainer(params, args.train_data, args.val_data, config, out=args.out, sampler=sampler)
@@ -83,6 +84,7 @@ def make_sampler(config):
     from graphc.runtime.generate import sample_text
 
     def sample(params, seed: int) -> str:
-        return sample_text(params, max_new_tokens=config.sample_tokens, seed=seed, backend=config.backend)
+        return sample_text(params, max_new_tokens=config.sample_tokens, seed=seed, backend=config.backend,
+                           precision=config.precision)
 
     return sample
