@@ -38,6 +38,7 @@ from graphc.passes.fusions.cross_entropy import fuse_cross_entropy
 from graphc.passes.fusions.gelu import fuse_gelu
 from graphc.passes.fusions.layernorm import fuse_layernorm
 from graphc.passes.manager import Pass, PassManager, Report
+from graphc.passes.precision import EmulateBF16, PrecisionBF16
 from graphc.passes.remove_identity import RemoveIdentity
 from graphc.passes.shape_inference import ShapeInference
 
@@ -51,6 +52,7 @@ class Options:
 
     loss: str = "loss"
     wrt: list[str] | None = None      # None: every floating-point graph input
+    master_params: bool = True        # precision_bf16: parameters stay float32 inputs (training)
     extra: dict = field(default_factory=dict)
 
 
@@ -94,6 +96,8 @@ PASSES: dict[str, Callable[[Options], Pass]] = {
     "fuse_cross_entropy": lambda o: fuse_cross_entropy(),
     "autodiff": lambda o: Differentiate(o.loss, o.wrt),
     "fuse_backward": lambda o: FuseBackward(o.loss),
+    "precision_bf16": lambda o: PrecisionBF16(set(o.wrt) if o.wrt is not None else None, o.master_params),
+    "emulate_bf16": lambda o: EmulateBF16(),
 }
 
 CLEANUP = ["remove_identity", "constant_fold", "cse", "dce"]
@@ -110,6 +114,27 @@ PIPELINES: dict[str, list[str]] = {
 }
 # TensorRT wants exactly the standard ops the infer pipeline emits (its backend is planned).
 PIPELINES["infer:tensorrt"] = PIPELINES["infer"]
+
+
+# The passes a precision appends to a pipeline (after the fusions and the cleanup).
+# ``<precision>:<backend>`` overrides ``<precision>`` for a backend: onnxruntime's CPU
+# has no bf16 kernels, so it runs the bf16 graph's float32 emulation instead.
+PRECISION_PASSES: dict[str, list[str]] = {
+    "fp32": [],
+    "bf16": ["precision_bf16"],
+    "bf16:onnxruntime": ["precision_bf16", "emulate_bf16"],
+}
+REFERENCE_BACKEND = "onnxruntime"
+"""The backend ``backend=None`` means: the CPU reference executor."""
+
+
+def precision_passes(precision: str, backend: str | None = None) -> list[str]:
+    """The pass names ``precision`` adds for ``backend`` (None: the CPU reference)."""
+    from graphc.precision import get_precision
+
+    name = get_precision(precision).name
+    backend = backend or REFERENCE_BACKEND
+    return list(PRECISION_PASSES.get(f"{name}:{backend}", PRECISION_PASSES[name]))
 
 
 def pipeline_for(mode: str, backend: str | None = None) -> tuple[str, list[str]]:
@@ -152,16 +177,18 @@ def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None
     graph (``loss`` and ``grad.<p>`` for every ``p`` in ``wrt``, default every
     floating-point graph input); given a graph that is already differentiated it runs
     the ``train_graph`` pipeline instead. ``dump_dir`` (or ``$GRAPHC_DUMP_DIR``) dumps
-    the graph after every pass.
+    the graph after every pass. ``precision`` (``fp32``, ``bf16``; see
+    :mod:`graphc.precision`) appends its passes after the fusions: ``bf16`` rewrites the
+    graph to BF16 mixed precision (float32 master parameters when training), followed,
+    for onnxruntime (``backend`` None or ``"onnxruntime"``), by its float32 emulation.
     """
     if mode == "train" and is_training_graph(model):
         mode = "train_graph"
-    if precision != "fp32":
-        from graphc.errors import GraphcError
-
-        raise GraphcError(precision, "only fp32 is available in this build", "--precision")
     name, names = pipeline_for(mode, backend)
-    passes = make_passes(names, Options(loss=loss, wrt=wrt))
+    extra = precision_passes(precision, backend)
+    if extra:
+        names, name = names + extra, f"{name}+{precision}"
+    passes = make_passes(names, Options(loss=loss, wrt=wrt, master_params=mode.startswith("train")))
     optimized, report = PassManager(passes, name=name, verify=verify, dump_dir=dump_dir).run(model)
     if backend is not None:
         legalize(optimized, backend)

@@ -2,6 +2,12 @@
 
 Written from the GPT-2 paper / nanoGPT, not from graphc's graph: it shares only the
 parameter layout (llm.c's (out, in) weights), which it loads as ordinary nn.Parameters.
+
+``compute=torch.bfloat16`` runs it in BF16 mixed precision, the reference for graphc's
+``precision_bf16`` pass: float32 master parameters cast to bf16 at their use (once per
+forward), bf16 activations, GEMMs and residual stream; layer norm, attention (its
+softmax), GELU and the loss compute in float32 on the bf16 tensors and store bf16, as
+fused kernels do (autograd rounds each gradient to the dtype of the tensor it flows to).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from graphc.models.params import Params
 
 
 class TorchGPT2(torch.nn.Module):
-    def __init__(self, params: Params, dtype=torch.float32):
+    def __init__(self, params: Params, dtype=torch.float32, compute=None):
         super().__init__()
         self.cfg = cfg = params.cfg
+        self.act = compute or dtype                                  # activations
+        self.inner = torch.float32 if compute is not None else dtype  # inside LN, softmax, GELU, loss
         P = lambda a: torch.nn.Parameter(torch.tensor(np.array(a), dtype=dtype))  # noqa: E731
         self.wte = P(params.tensor("wte"))
         self.wpe = P(params.tensor("wpe"))
@@ -36,22 +44,31 @@ class TorchGPT2(torch.nn.Module):
         cfg = self.cfg
         B, T = tokens.shape
         C, H = cfg.n_embd, cfg.n_head
-        x = self.wte[tokens] + self.wpe[:T]
+        act, inner = self.act, self.inner
+        w = lambda p: p.to(act)                          # noqa: E731 - the weight as the GEMMs read it
+        up = lambda *ts: [t.to(inner) for t in ts]       # noqa: E731 - into a kernel's inner dtype
+
+        def ln(x, weight, bias):
+            return F.layer_norm(*up(x), (C,), *up(w(weight), w(bias)), cfg.ln_eps).to(act)
+
+        wte = w(self.wte)
+        x = wte[tokens] + w(self.wpe)[:T]
         for m in self.layers:
-            h = F.layer_norm(x, (C,), m.ln1w, m.ln1b, cfg.ln_eps)
-            q, k, v = F.linear(h, m.qkvw, m.qkvb).split(C, dim=-1)
-            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+            h = ln(x, m.ln1w, m.ln1b)
+            q, k, v = F.linear(h, w(m.qkvw), w(m.qkvb)).split(C, dim=-1)
+            q, k, v = up(*(t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v)))
             att = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)
             att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-            y = (att @ v).transpose(1, 2).reshape(B, T, C)
-            x = x + F.linear(y, m.attprojw, m.attprojb)
-            h = F.layer_norm(x, (C,), m.ln2w, m.ln2b, cfg.ln_eps)
-            x = x + F.linear(F.gelu(F.linear(h, m.fcw, m.fcb), approximate="tanh"), m.fcprojw, m.fcprojb)
-        x = F.layer_norm(x, (C,), self.lnfw, self.lnfb, cfg.ln_eps)
-        logits = x @ self.wte[:cfg.vocab_size].T
+            y = (att @ v).to(act).transpose(1, 2).reshape(B, T, C)
+            x = x + F.linear(y, w(m.attprojw), w(m.attprojb))
+            h = ln(x, m.ln2w, m.ln2b)
+            g = F.gelu(*up(F.linear(h, w(m.fcw), w(m.fcb))), approximate="tanh").to(act)
+            x = x + F.linear(g, w(m.fcprojw), w(m.fcprojb))
+        x = ln(x, self.lnfw, self.lnfb)
+        logits = x @ wte[:cfg.vocab_size].T
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(*up(logits.reshape(-1, logits.size(-1))), targets.reshape(-1))
         return logits, loss
 
     def grads(self) -> dict[str, np.ndarray]:
