@@ -12,6 +12,7 @@ from graphc.errors import GraphcError
 
 REGISTRY = {
     "onnxruntime": "graphc.backends.onnxruntime:OnnxRuntimeBackend",
+    "cuda": "graphc.backends.cuda:CudaBackend",
     # "tensorrt" and "cuda" join this table when their lowerings land (GPU issues).
 }
 

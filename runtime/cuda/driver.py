@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphc.backends.buffer import Buffer
+
 ALIGN = 256
 
 
@@ -86,22 +88,42 @@ class Arena:
             check(driver.cuMemFree(self.base))
             self.base = 0
 
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:
+            pass
+
 
 def align(n: int, a: int = ALIGN) -> int:
     return (int(n) + a - 1) // a * a
 
 
-class DeviceBuffer:
-    """A contiguous typed region of device memory (the seam's ``Buffer`` on ``cuda:0``)."""
+class DeviceBuffer(Buffer):
+    """Typed device memory (the seam's ``Buffer`` on ``cuda:0``); views share the memory.
+
+    ``owner`` keeps the allocation (an :class:`Arena`) alive as long as any view exists."""
 
     device = "cuda:0"
 
-    def __init__(self, ptr: int, dtype, shape: tuple[int, ...], stream: int):
-        self.ptr, self.dtype, self.shape, self.stream = int(ptr), np.dtype(dtype), tuple(shape), stream
+    def __init__(self, ptr: int, dtype, shape, stream: int, owner=None):
+        self._ptr, self.dtype, self.shape, self.stream = int(ptr), np.dtype(dtype), tuple(int(d) for d in shape), stream
+        self.owner = owner
+
+    @classmethod
+    def allocate(cls, shape, dtype, stream: int) -> "DeviceBuffer":
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        arena = Arena(n)
+        buf = cls(arena.base, dtype, shape, stream, owner=arena)
+        buf.fill_zero()
+        return buf
 
     @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    def ptr(self) -> int:
+        return self._ptr
+
+    def view(self, offset: int, shape) -> "DeviceBuffer":
+        return DeviceBuffer(self._ptr + int(offset) * self.dtype.itemsize, self.dtype, shape, self.stream, self.owner)
 
     def to_numpy(self) -> np.ndarray:
         from cuda.bindings import driver
@@ -109,23 +131,24 @@ class DeviceBuffer:
         out = np.empty(self.shape, self.dtype)
         if out.nbytes:
             check(driver.cuStreamSynchronize(self.stream))
-            check(driver.cuMemcpyDtoH(out.ctypes.data, self.ptr, out.nbytes))
+            check(driver.cuMemcpyDtoH(out.ctypes.data, self._ptr, out.nbytes))
         return out
 
     def copy_from_numpy(self, array: np.ndarray) -> None:
         from cuda.bindings import driver
 
         a = np.ascontiguousarray(array, dtype=self.dtype)
-        if a.size != int(np.prod(self.shape, dtype=np.int64)):
+        if a.size != self.size:
             raise ValueError(f"copy of {a.shape} into a buffer of shape {self.shape}")
         if a.nbytes:
             check(driver.cuStreamSynchronize(self.stream))
-            check(driver.cuMemcpyHtoD(self.ptr, a.ctypes.data, a.nbytes))
+            check(driver.cuMemcpyHtoD(self._ptr, a.ctypes.data, a.nbytes))
 
     def fill_zero(self) -> None:
         from cuda.bindings import driver
 
-        check(driver.cuMemsetD8Async(self.ptr, 0, self.nbytes, self.stream))
+        check(driver.cuMemsetD8Async(self._ptr, 0, self.nbytes, self.stream))
+        check(driver.cuStreamSynchronize(self.stream))
 
 
 class PinnedBuffer:

@@ -76,6 +76,11 @@ class Ctx:
         self.node: onnx.NodeProto | None = None
         self._uploaded: dict[int, Tensor] = {}
         self.workspace = None
+        self.declared: dict[str, np.dtype] = {}
+        for vi in list(model.graph.value_info) + list(model.graph.output):
+            et = vi.type.tensor_type.elem_type
+            if et in NP_OF_ONNX:
+                self.declared[vi.name] = NP_OF_ONNX[et]
 
     # ---------------------------------------------------------------- values
     def host(self, name: str):
@@ -114,7 +119,7 @@ class Ctx:
     def out(self, name: str, shape, dtype) -> Tensor:
         """The contiguous tensor a kernel writes value ``name`` into (its bound target, the
         storage of the value it aliases, or fresh memory)."""
-        shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+        shape, dtype = tuple(int(d) for d in shape), np.dtype(self.declared.get(name, dtype))
         if name in self.reserved:
             return self.reserved[name]
         t = None
@@ -549,7 +554,7 @@ def lower_cross_entropy(ctx, node):
     ctx.define(node.output[0], loss)
 
 
-def _padded_consumer(ctx, name, V):
+def _padded_consumer(ctx, name, rank):
     """The Pad node that only zero-pads ``name``'s last axis at its end (the padded vocab)."""
     users = ctx.consumers.get(name, [])
     if len(users) != 1 or users[0].op_type != "Pad" or name in ctx.graph_outputs:
@@ -561,7 +566,6 @@ def _padded_consumer(ctx, name, V):
     value = ctx.host(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
     if value is not None and float(value.reshape(-1)[0]) != 0.0:
         return None
-    rank = len(ctx.shape(name))
     axes = ([int(a) % rank for a in ctx.host(pad.input[3])] if len(pad.input) > 3 and pad.input[3]
             else list(range(rank)))
     n = len(axes)
@@ -582,7 +586,7 @@ def lower_cross_entropy_grad(ctx, node):
         stats = ctx.fresh((rows, 2), np.float32, "act", "ce-stats")
         src, (k1, _) = K.cross_entropy(rows, V, z.dtype, t.dtype, z_ld)
         ctx.launch((src, k1), [rows], [512], [z, t, ctx.scratch((rows,), np.float32), stats])
-    pad = _padded_consumer(ctx, node.output[0], V)
+    pad = _padded_consumer(ctx, node.output[0], len(ctx.shape(node.input[1])))
     name = pad.output[0] if pad is not None else node.output[0]
     cols = V
     if pad is not None:
@@ -735,6 +739,11 @@ def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
             continue
         if inputs and vi.name in inputs:
             t = inputs[vi.name]
+            want = NP_OF_ONNX.get(vi.type.tensor_type.elem_type, t.dtype)
+            if t.dtype != want:  # e.g. bf16 parameters of an inference graph from fp32 masters
+                converted = ctx.fresh(t.shape, want, "act", f"{vi.name}:{want.name}")
+                ctx.copy(t, converted)
+                t = converted
         else:
             tt = vi.type.tensor_type
             shape = [d.dim_value for d in tt.shape.dim]
@@ -773,4 +782,5 @@ def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
             ctx.copy(v, target)
             v = target
         program.outputs[out.name] = v
+    program.debug_values = ctx.values
     return program

@@ -88,6 +88,7 @@ class Program:
     outputs: dict = field(default_factory=dict)    # graph output name -> Tensor
     consts: list = field(default_factory=list)     # (Tensor, np.ndarray) uploaded once
     arena: object = None
+    debug_values: dict = field(default_factory=dict)  # value name -> Tensor, kept from lowering
 
     def storage(self, nbytes: int, kind: str, name: str) -> Storage:
         s = Storage(len(self.storages), int(nbytes), kind, name)
@@ -97,18 +98,27 @@ class Program:
     def arena_bytes(self) -> int:
         from graphc.runtime.cuda.driver import align
 
-        return sum(align(s.nbytes) for s in self.storages)
+        return sum(align(s.nbytes) for s in self.storages if s.kind != "external")
+
+    def external(self, buf, name: str) -> Tensor:
+        """A tensor over memory this program does not own (a ``DeviceBuffer``)."""
+        from graphc.backends.cuda.tensor import contiguous_strides
+
+        s = self.storage(buf.nbytes, "external", name)
+        s.addr = buf.ptr
+        return Tensor(s, tuple(buf.shape), contiguous_strides(buf.shape), np.dtype(buf.dtype))
 
     def finalize(self, rt, modules) -> None:
         """Place every storage, allocate the arena, upload constants, compile, resolve."""
         from graphc.runtime.cuda.driver import Arena, align
 
         offset = 0
-        for s in self.storages:
+        placed = [s for s in self.storages if s.kind != "external"]
+        for s in placed:
             s.offset = offset
             offset += align(s.nbytes)
         self.arena = Arena(offset)
-        for s in self.storages:
+        for s in placed:
             s.addr = self.arena.ptr(s.offset)
         from cuda.bindings import driver
 
