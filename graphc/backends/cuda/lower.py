@@ -615,6 +615,27 @@ def _bthd(ctx, name, B, H, T, D, dtype) -> Tensor:
     return phys.transpose((0, 2, 1, 3))
 
 
+def _cudnn_ok(dtype) -> bool:
+    """cuDNN's fused SDPA serves bf16 (it has no fp32 kernel); off with GRAPHC_CUDNN=0."""
+    import os
+
+    if np.dtype(dtype).name != "bfloat16" or os.environ.get("GRAPHC_CUDNN", "1") == "0":
+        return False
+    try:
+        import cudnn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _library_workspace(nbytes: int):
+    """Device memory for a library plan's workspace, allocated when the plan is built
+    (before any capture), kept alive by the returned buffer."""
+    from graphc.runtime.cuda import DeviceBuffer, get_runtime
+
+    return DeviceBuffer.allocate((max(int(nbytes), 1),), np.uint8, get_runtime().stream) if nbytes else None
+
+
 @lowering("Attention")
 def lower_attention(ctx, node):
     if len([i for i in node.input if i]) != 3 or len([o for o in node.output if o]) != 1:
@@ -624,10 +645,26 @@ def lower_attention(ctx, node):
     scale = attr(node, "scale", None) or 1.0 / np.sqrt(D)
     causal = bool(attr(node, "is_causal", 0))
     y = _bthd(ctx, node.output[0], B, H, T, D, q.dtype)
-    stats = ctx.fresh((B, H, T, 2), np.float32, "act", "attn-stats")
-    ctx.values[f"__attn_stats__{node.output[0]}"] = stats
-    src = K.attention_fwd(B, H, T, D, q.strides, k.strides, v.strides, y.strides, scale, causal, q.dtype)
-    ctx.launch(src, [T, H, B], [128], [q, k, v, y, stats])
+    if _cudnn_ok(q.dtype) and all(t.strides[3] == 1 for t in (q, k, v)):
+        from graphc.backends.cuda import attention
+
+        spec = attention.SdpaSpec(B, H, T, D, q.strides, k.strides, v.strides, y.strides, scale=float(scale),
+                                  causal=causal, dtype="bf16")
+        stats = ctx.fresh((B, H, T, 1), np.float32, "act", "sdpa-stats")
+        ctx.values[f"__attn_stats__{node.output[0]}"] = ("cudnn", stats)
+
+        def make(rt, q=q, k=k, v=v, y=y, stats=stats, spec=spec):
+            plan = attention.get_forward_plan(spec)
+            ws = _library_workspace(plan.workspace_size)
+            wsp = ws.ptr if ws is not None else None
+            return lambda stream: (plan.run(stream, q.ptr, k.ptr, v.ptr, y.ptr, stats.ptr, workspace_ptr=wsp), ws)
+
+        ctx.call(make)
+    else:
+        stats = ctx.fresh((B, H, T, 2), np.float32, "act", "attn-stats")
+        ctx.values[f"__attn_stats__{node.output[0]}"] = ("own", stats)
+        src = K.attention_fwd(B, H, T, D, q.strides, k.strides, v.strides, y.strides, scale, causal, q.dtype)
+        ctx.launch(src, [T, H, B], [128], [q, k, v, y, stats])
     ctx.define(node.output[0], y)
 
 
@@ -637,49 +674,103 @@ def lower_attention_grad(ctx, node):
     B, H, T, D = _attention_shapes(ctx, q, node)
     scale = attr(node, "scale", None) or 1.0 / np.sqrt(D)
     causal = bool(attr(node, "is_causal", 0))
-    stats = ctx.values.get(f"__attn_stats__{node.input[4]}")
-    if stats is None:
+    saved = ctx.values.get(f"__attn_stats__{node.input[4]}")
+    if saved is None:
         raise GraphcError("model", f"node {node_label(node)}: AttentionGrad needs its forward Attention in the "
                           "same graph", "--backend")
+    kind, stats = saved
     dq, dk, dv = (_bthd(ctx, o, B, H, T, D, dy.dtype) for o in node.output[:3])
-    dsum = ctx.scratch((B, H, T), np.float32, "attn-dsum")
-    src, (k1, k2) = K.attention_bwd(B, H, T, D, dy.strides, q.strides, k.strides, v.strides, y.strides,
-                                    dq.strides, dk.strides, dv.strides, scale, causal, q.dtype, dy.dtype)
-    ctx.launch((src, k1), [T, H, B], [128], [dy, q, k, v, y, stats, dsum, dq])
-    ctx.launch((src, k2), [T, H, B], [128], [dy, q, k, v, stats, dsum, dk, dv])
+    if kind == "cudnn" and dy.strides == y.strides:
+        from graphc.backends.cuda import attention
+
+        spec = attention.SdpaSpec(B, H, T, D, q.strides, k.strides, v.strides, y.strides, scale=float(scale),
+                                  causal=causal, dtype="bf16", dq_strides=dq.strides, dk_strides=dk.strides,
+                                  dv_strides=dv.strides)
+
+        def make(rt, spec=spec, ts=(q, k, v, y, dy, stats, dq, dk, dv)):
+            plan = attention.get_backward_plan(spec)
+            ws = _library_workspace(plan.workspace_size)
+            wsp = ws.ptr if ws is not None else None
+            ptrs = [t.ptr for t in ts]
+            return lambda stream: (plan.run(stream, *ptrs, workspace_ptr=wsp), ws)
+
+        ctx.call(make)
+    else:
+        if kind != "own":
+            raise GraphcError("model", f"node {node_label(node)}: dY's layout differs from Y's (cuDNN needs one)",
+                              "--backend")
+        dsum = ctx.scratch((B, H, T), np.float32, "attn-dsum")
+        src, (k1, k2) = K.attention_bwd(B, H, T, D, dy.strides, q.strides, k.strides, v.strides, y.strides,
+                                        dq.strides, dk.strides, dv.strides, scale, causal, q.dtype, dy.dtype)
+        ctx.launch((src, k1), [T, H, B], [128], [dy, q, k, v, y, stats, dsum, dq])
+        ctx.launch((src, k2), [T, H, B], [128], [dy, q, k, v, stats, dsum, dk, dv])
     for name, t in zip(node.output, (dq, dk, dv)):
         ctx.define(name, t)
 
 
 # ============================================================================ GEMM
+LT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def _lt_ok() -> bool:
+    """cuBLASLt plans (graphc/backends/cuda/gemm.py) with fused epilogues; off with GRAPHC_CUBLASLT=0."""
+    import os
+
+    if os.environ.get("GRAPHC_CUBLASLT", "1") == "0":
+        return False
+    try:
+        import nvmath.bindings.cublasLt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sole_consumer(ctx, name, op_type, domain=""):
+    users = ctx.consumers.get(name, [])
+    if name in ctx.graph_outputs or len(users) != 1:
+        return None
+    u = users[0]
+    return u if u.op_type == op_type and (u.domain or "") == domain else None
+
+
+def _gelu_epilogue(ctx, name):
+    """(Gelu node, keeps aux?) when the GEMM output feeds a tanh Gelu (and at most the
+    GeluGrad that needs the pre-activation): cuBLASLt's GELU(_AUX)(_BIAS) epilogue."""
+    users = ctx.consumers.get(name, [])
+    if name in ctx.graph_outputs:
+        return None
+    gelus = [u for u in users if u.op_type == "Gelu" and not u.domain and attr(u, "approximate", "none") == "tanh"]
+    others = [u for u in users if u not in gelus]
+    if len(gelus) != 1 or any(not (u.op_type == "GeluGrad" and u.input[1] == name) for u in others):
+        return None
+    return gelus[0], bool(others)
+
+
 @lowering("Gemm", "MatMul")
 def lower_gemm(ctx, node):
     a, b = ctx.tensor(node.input[0]), ctx.tensor(node.input[1])
     if len(a.shape) != 2 or len(b.shape) != 2:
         if node.op_type == "MatMul" and len(b.shape) == 2 and len(a.shape) > 2:
-            lead = a.shape[:-1]
-            a2 = a.reshape((int(np.prod(lead, dtype=np.int64)), a.shape[-1])) or ctx.contiguous(a).reshape(
-                (int(np.prod(lead, dtype=np.int64)), a.shape[-1]))
-            a = a2
+            lead = int(np.prod(a.shape[:-1], dtype=np.int64))
+            a = a.reshape((lead, a.shape[-1])) or ctx.contiguous(a).reshape((lead, a.shape[-1]))
         else:
             raise GraphcError("model", f"node {node_label(node)}: only 2-D GEMMs are lowered", "--backend")
-    ta = bool(attr(node, "transA", 0)) if node.op_type == "Gemm" else False
-    tb = bool(attr(node, "transB", 0)) if node.op_type == "Gemm" else False
-    alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
-    beta = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 0.0
+    is_gemm = node.op_type == "Gemm"
+    ta = bool(attr(node, "transA", 0)) if is_gemm else False
+    tb = bool(attr(node, "transB", 0)) if is_gemm else False
+    alpha = float(attr(node, "alpha", 1.0)) if is_gemm else 1.0
+    beta = float(attr(node, "beta", 1.0)) if is_gemm else 0.0
     M, Ka = (a.shape[1], a.shape[0]) if ta else a.shape
     Kb, N = (b.shape[1], b.shape[0]) if tb else b.shape
     assert Ka == Kb, (node.name, a.shape, b.shape)
-    out_dt = a.dtype
-    out_shape = (M, N)
-    if node.op_type == "MatMul":
-        out_shape = tuple(ctx.shape(node.input[0])[:-1]) + (N,)
-    y = ctx.out(node.output[0], out_shape, out_dt)
+    out_shape = (M, N) if is_gemm else tuple(ctx.shape(node.input[0])[:-1]) + (N,)
+    c = ctx.tensor(node.input[2]) if is_gemm and len(node.input) > 2 and node.input[2] and beta != 0.0 else None
+    if _lt_ok() and _lower_gemm_lt(ctx, node, a, b, c, ta, tb, M, N, Ka, alpha, beta, out_shape):
+        return
+    y = ctx.out(node.output[0], out_shape, a.dtype)
     y2 = y.reshape((M, N))
-    c_name = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
     gemm_beta = 0.0
-    if c_name is not None and beta != 0.0:
-        c = ctx.tensor(c_name)
+    if c is not None:
         if beta != 1.0:
             ctx.elementwise(f"a0 * {K.lit(beta, np.float32)}", y2, [c])
         else:
@@ -687,7 +778,7 @@ def lower_gemm(ctx, node):
         gemm_beta = 1.0
     opa, opb = operand(a, ta), operand(b, tb)
     if opa is None:
-        a, ta = ctx.contiguous(a), ta
+        a = ctx.contiguous(a)
         opa = operand(a, ta)
     if opb is None:
         b = ctx.contiguous(b)
@@ -703,6 +794,68 @@ def lower_gemm(ctx, node):
 
     ctx.call(make)
     ctx.define(node.output[0], y)
+
+
+def _aligned16(t: Tensor) -> bool:
+    """Storage starts are 256-byte aligned (arena slots, cuMemAlloc), so the offset decides."""
+    return (t.offset * t.dtype.itemsize) % 16 == 0
+
+
+def _lower_gemm_lt(ctx, node, a, b, c, ta, tb, M, N, K_, alpha, beta, out_shape) -> bool:
+    """The GEMM as one cuBLASLt plan, fusing its bias, a following GELU (keeping the
+    pre-activation for the backward as the epilogue's aux) or a following GeluGrad (DGELU
+    epilogue). False when the operands do not fit (non-contiguous, odd dtypes)."""
+    from graphc.backends.cuda import gemm
+
+    dt = LT_DTYPES.get(a.dtype.name)
+    if dt is None or a.dtype != b.dtype or not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    out_dt = ctx.declared.get(node.output[0], a.dtype)
+    epilogue, bias, aux, dest_name, skip = "default", None, None, node.output[0], None
+    if c is not None:
+        if beta != 1.0 or c.shape not in ((N,), (1, N)) or not c.is_contiguous() or c.dtype.name not in LT_DTYPES:
+            return False
+        epilogue, bias = "bias", c
+    gelu = _gelu_epilogue(ctx, node.output[0])
+    if gelu is not None and (not gelu[1] or N % 8 == 0):
+        g, keep_aux = gelu
+        epilogue = ("gelu_aux" if keep_aux else "gelu") + ("_bias" if bias is not None else "")
+        dest_name, skip = g.output[0], g
+    elif bias is None:
+        gg = _sole_consumer(ctx, node.output[0], "GeluGrad", "graphc")
+        if gg is not None and gg.input[0] == node.output[0] and N % 8 == 0:
+            x = ctx.values.get(gg.input[1])
+            if isinstance(x, Tensor) and x.is_contiguous() and x.size == M * N and x.dtype == np.dtype(out_dt):
+                epilogue, aux, dest_name, skip = "dgelu", x, gg.output[0], gg
+    if np.dtype(out_dt).name not in LT_DTYPES or LT_DTYPES[np.dtype(out_dt).name] not in gemm.SUPPORTED_DTYPES[dt]:
+        return False
+    spec = gemm.GemmSpec(M, N, K_, trans_a=ta, trans_b=tb, dtype=dt, out_dtype=LT_DTYPES[np.dtype(out_dt).name],
+                         epilogue=epilogue, bias_dtype=LT_DTYPES[bias.dtype.name] if bias is not None else None)
+    if not all(_aligned16(t) for t in (a, b, bias, aux) if t is not None):
+        return False
+    d = ctx.out(dest_name, out_shape, out_dt)
+    if epilogue.startswith("gelu_aux"):
+        aux = ctx.out(node.output[0], out_shape, out_dt)
+    if not all(_aligned16(t) for t in (d, aux) if t is not None):
+        raise AssertionError("fresh storage is 256-byte aligned")
+    ws = ctx.cublas_workspace()
+
+    def make(rt, a=a, b=b, d=d, bias=bias, aux=aux, spec=spec):
+        plan = gemm.get_plan(spec)
+        args = dict(workspace_ptr=ws.ptr, workspace_size=WORKSPACE_BYTES, alpha=alpha, beta=0.0,
+                    bias_ptr=bias.ptr if bias is not None else None, aux_ptr=aux.ptr if aux is not None else None)
+        ptrs = (a.ptr, b.ptr, None, d.ptr)
+        return lambda stream: plan.run(stream, *ptrs, **args)
+
+    ctx.call(make)
+    if skip is not None:
+        ctx.skip.add(id(skip))
+        ctx.define(skip.output[0], d)
+        if epilogue.startswith("gelu_aux"):
+            ctx.define(node.output[0], aux)
+    else:
+        ctx.define(node.output[0], d)
+    return True
 
 
 _BLAS = {}
