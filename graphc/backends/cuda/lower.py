@@ -936,4 +936,5 @@ def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
             v = target
         program.outputs[out.name] = v
     program.debug_values = ctx.values
+    program.overwritten = set(ctx.aliases)   # values whose memory a later op updates in place
     return program

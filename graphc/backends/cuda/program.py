@@ -89,6 +89,7 @@ class Program:
     consts: list = field(default_factory=list)     # (Tensor, np.ndarray) uploaded once
     arena: object = None
     debug_values: dict = field(default_factory=dict)  # value name -> Tensor, kept from lowering
+    overwritten: set = field(default_factory=set)     # values updated in place later (ScatterND)
 
     def storage(self, nbytes: int, kind: str, name: str) -> Storage:
         s = Storage(len(self.storages), int(nbytes), kind, name)
