@@ -228,7 +228,11 @@ def lower_shape(ctx, node):
     ctx.define(node.output[0], shape[start:end])
 
 
-def _view_or_copy(ctx, node, x: Tensor, shape) -> None:
+def _view_or_copy(ctx, node, x, shape) -> None:
+    """Define the node's output as ``x`` reshaped: a host constant reshaped on the host, a
+    device tensor as a view when its strides allow, else a copy."""
+    if isinstance(x, np.ndarray):
+        return ctx.define(node.output[0], x.reshape(shape))
     v = x.reshape(shape)
     if v is None:
         v = ctx.out(node.output[0], shape, x.dtype)
@@ -253,8 +257,6 @@ def lower_reshape(ctx, node):
     if -1 in out:
         known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
         out[out.index(-1)] = int(np.prod(shape, dtype=np.int64)) // max(known, 1)
-    if isinstance(x, np.ndarray):
-        return ctx.define(node.output[0], x.reshape(out))
     _view_or_copy(ctx, node, x, out)
 
 
@@ -278,8 +280,6 @@ def lower_squeeze(ctx, node):
     else:
         drop = {int(a) % len(shape) for a in axes} if axes is not None else {k for k, d in enumerate(shape) if d == 1}
         shape = [d for k, d in enumerate(shape) if k not in drop]
-    if isinstance(x, np.ndarray):
-        return ctx.define(node.output[0], x.reshape(shape))
     _view_or_copy(ctx, node, x, shape)
 
 
