@@ -118,6 +118,7 @@ class Program:
 
         placed = [s for s in self.storages if s.kind != "external"]
         offset = plan_memory(self, placed, reuse)
+        check_fits(self, offset, rt.mem_info()[0])
         self.arena = Arena(offset)
         for s in placed:
             s.addr = self.arena.ptr(s.offset)
@@ -204,3 +205,20 @@ def plan_memory(program: "Program", storages: list, reuse: bool) -> int:
         placed.append((at, at + size, first, last))
         top = max(top, at + size)
     return base + top
+
+
+def check_fits(program: "Program", arena_bytes: int, free_bytes: int, where: str = "cuda") -> None:
+    """A one-line error before anything is allocated when the arena cannot fit in the free
+    GPU memory, naming what takes the room (by storage kind)."""
+    from graphc.errors import GraphcError
+
+    if arena_bytes <= free_bytes:
+        return
+    by_kind: dict[str, int] = {}
+    for s in program.storages:
+        if s.kind != "external":
+            by_kind[s.kind] = by_kind.get(s.kind, 0) + s.nbytes
+    parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    raise GraphcError(where, f"the program needs {arena_bytes / 2**30:.1f} GiB of GPU memory ({parts}; "
+                      f"activations shared by liveness), only {free_bytes / 2**30:.1f} GiB is free: "
+                      "lower -b or -t", "GPU memory")
