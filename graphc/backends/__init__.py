@@ -13,6 +13,7 @@ from graphc.errors import GraphcError
 REGISTRY = {
     "onnxruntime": "graphc.backends.onnxruntime:OnnxRuntimeBackend",
     "tensorrt": "graphc.backends.tensorrt:TensorRTBackend",
+    "cuda": "graphc.backends.cuda:CudaBackend",
 }
 
 
