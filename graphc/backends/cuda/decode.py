@@ -228,9 +228,7 @@ class CudaDecoder(Decoder):
         return out
 
     def _logits_rows(self, n: int) -> np.ndarray:
-        from graphc.backends.cuda import _dtoh
-
-        return _dtoh(self.logits)[:n]
+        return self.logits.to_numpy()[:n]
 
     def _prefill(self, slot: int, prompt: list[int], seq: _Seq | None) -> Sampled | None:
         """The prompt's rows through the model in chunks; samples the last row when ``seq``."""

@@ -138,7 +138,10 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) {name}(
   for (int r = 0; r < {ROWS}; ++r)
     #pragma unroll
     for (int c = 0; c < {cols}; ++c) acc[r][c] = 0.f;
-  for (int k = lane * 8; k < {K}; k += 256) {{
+  #pragma unroll
+  for (int it = 0; it < {(K + 255) // 256}; ++it) {{
+    const int k = it * 256 + lane * 8;
+    if (k >= {K}) break;
     float wv[{cols}][8];
     #pragma unroll
     for (int c = 0; c < {cols}; ++c) {{
@@ -217,7 +220,9 @@ def decode_attention(heads: int, D: int, capacity: int, cache_dtype) -> tuple[st
     head) counter, reset by it) merges them in split order into ``out`` [M, C]."""
     C, CT = heads * D, ctype(cache_dtype)
     splits = attention_splits(capacity)
-    G = CHUNK // D if CHUNK % D == 0 and CHUNK >= D else 1
+    if D % 32:
+        raise ValueError(f"decode attention needs head_dim % 32 == 0, got {D}")
+    NW = CHUNK // 32
     scale = float(np.float32(1.0 / math.sqrt(D)))
     name = "decode_attention"
     src = PRELUDE + f"""
@@ -240,7 +245,7 @@ extern "C" __global__ void __launch_bounds__({CHUNK}) {name}(const float* __rest
   const int pos = row_pos[m];
   const int used = pos / {CHUNK} + 1;
   if (sp >= used) return;
-  __shared__ float s_q[{D}], s_p[{CHUNK}], s_o[{G}][{D}], s_red[{CHUNK // 32}];
+  __shared__ float s_q[{D}], s_p[{CHUNK}], s_o[{NW}][{D}], s_red[{CHUNK // 32}];
   __shared__ int s_last;
   for (int d = t; d < {D}; d += {CHUNK}) s_q[d] = q[m * {C} + h * {D} + d];
   __syncthreads();
@@ -250,7 +255,7 @@ extern "C" __global__ void __launch_bounds__({CHUNK}) {name}(const float* __rest
   if (j <= pos) {{
     const {CT}* kr = k_cache + (base + j) * {D};
     float a = 0.f;
-    #pragma unroll 8
+    #pragma unroll
     for (int d = 0; d < {D}; ++d) a = fmaf(s_q[d], ld(kr, d), a);
     s = a * {scale!r}f;
   }}
@@ -259,25 +264,34 @@ extern "C" __global__ void __launch_bounds__({CHUNK}) {name}(const float* __rest
   s_p[t] = p;
   const float l = block_reduce(p, s_red, false);
   const int n_here = min({CHUNK}, pos + 1 - sp * {CHUNK});
-  for (int idx = t; idx < {G * D}; idx += {CHUNK}) {{
-    const int g = idx / {D}, d = idx % {D};
-    float o = 0.f;
-    for (int jj = g; jj < n_here; jj += {G}) o = fmaf(s_p[jj], ld(v_cache, (base + sp * {CHUNK} + jj) * {D} + d), o);
-    s_o[g][d] = o;
+  {{  // warp w takes keys w, w + NW, ...; lane takes dims lane, lane + 32, ...
+    const int warp = t >> 5, lane = t & 31;
+    float o[{D // 32}];
+    #pragma unroll
+    for (int i = 0; i < {D // 32}; ++i) o[i] = 0.f;
+    #pragma unroll 4
+    for (int jj = warp; jj < n_here; jj += {NW}) {{
+      const float pj = s_p[jj];
+      const {CT}* vr = v_cache + (base + sp * {CHUNK} + jj) * {D};
+      #pragma unroll
+      for (int i = 0; i < {D // 32}; ++i) o[i] = fmaf(pj, ld(vr, lane + 32 * i), o[i]);
+    }}
+    #pragma unroll
+    for (int i = 0; i < {D // 32}; ++i) s_o[warp][lane + 32 * i] = o[i];
   }}
   __syncthreads();
   const i64 ph = m * {heads} + h;
   if (used == 1) {{
     for (int d = t; d < {D}; d += {CHUNK}) {{
       float o = 0.f;
-      for (int g = 0; g < {G}; ++g) o += s_o[g][d];
+      for (int g = 0; g < {NW}; ++g) o += s_o[g][d];
       out[m * {C} + h * {D} + d] = o / l;
     }}
     return;
   }}
   for (int d = t; d < {D}; d += {CHUNK}) {{
     float o = 0.f;
-    for (int g = 0; g < {G}; ++g) o += s_o[g][d];
+    for (int g = 0; g < {NW}; ++g) o += s_o[g][d];
     part_o[(ph * {splits} + sp) * {D} + d] = o;
   }}
   if (t == 0) {{ part_ml[(ph * {splits} + sp) * 2] = mx; part_ml[(ph * {splits} + sp) * 2 + 1] = l; }}
