@@ -30,14 +30,25 @@ def test_every_decode_kernel_compiles(precision, tmp_path, monkeypatch):
 
     monkeypatch.setenv("GRAPHC_KERNEL_CACHE", str(tmp_path))
     dt = np.dtype(bfloat16) if precision == "bf16" else np.dtype(np.float32)
-    for cfg in _configs():
+    for cfg, batches in zip(_configs(), ((1, 3, 16, 64, 512), (1,))):
         C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
-        sources = [DK.embed(C, dt), DK.decode_attention(H, cfg.head_dim, 1024, dt), DK.sample(V),
-                   DK.gemv(C, 3 * C, dt, ln=True, epilogue="qkv", heads=H, capacity=1024, cache_dtype=dt),
-                   DK.gemv(C, C, dt, ln=False, epilogue="residual"), DK.gemv(C, 4 * C, dt, ln=True, epilogue="gelu"),
-                   DK.gemv(4 * C, C, dt, ln=False, epilogue="residual"), DK.gemv(C, V, dt, ln=True, epilogue="plain")]
-        for src, name in sources:
+        sources = {DK.embed(C, dt), DK.decode_attention(H, cfg.head_dim, 1024, dt), DK.sample(V)}
+        for M in batches:   # d12: every (rows, cols) variant a decode step or a prefill chunk uses
+            for K, N, ln, epi in ((C, 3 * C, True, "qkv"), (C, C, False, "residual"), (C, 4 * C, True, "gelu"),
+                                  (4 * C, C, False, "residual"), (C, V, True, "plain")):
+                rows, cols, _, _ = DK.gemv_shape(N, M)
+                sources.add(DK.gemv(K, N, dt, ln=ln, epilogue=epi, heads=H, capacity=1024, cache_dtype=dt,
+                                    rows=rows, cols=cols))
+        for src, name in sorted(sources):
             assert compile_cubin(src, "sm_90", use_cache=False)[:4] == b"\x7fELF", name
+
+
+def test_gemv_work_split():
+    from graphc.backends.cuda import decode_kernels as DK
+
+    assert DK.gemv_shape(768, 1)[:3] == (1, 1, (96, 1))
+    assert DK.gemv_shape(768, 64)[:3] == (8, 4, (24, 8))
+    assert DK.gemv_shape(50257, 64)[:3] == (8, 4, (1571, 1))     # the LM head loops over row blocks
 
 
 def test_gemv_rejects_unaligned_k():

@@ -154,9 +154,9 @@ class CudaDecoder(Decoder):
         steps = []
 
         def gemv(K, N, ln, epi, x, rowmap, lnw, lnb, w, bias, out, rows, kc=0, vc=0):
+            r, c, grid, block = DK.gemv_shape(N, rows)
             src, name = DK.gemv(K, N, self.wdtype, ln=ln, epilogue=epi, eps=eps, heads=H, capacity=cap,
-                                cache_dtype=self.cdtype)
-            grid, block = DK.gemv_grid(N, rows)
+                                cache_dtype=self.cdtype, rows=r, cols=c)
             steps.append(KernelStep(src, name, grid, block,
                                     [I(x), I(rowmap), I(lnw), I(lnb), I(w), I(bias), I(out), I(rows),
                                      I(slot), I(pos), I(kc), I(vc)], node=name))

@@ -59,40 +59,44 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 """ % {"S": float(np.float32(GELU_S)), "A": float(np.float32(GELU_A))}
 
 
-def _cols(N: int) -> int:
-    return 4 if N >= 8192 else 1
+def gemv_shape(N: int, M: int) -> tuple[int, int, tuple, tuple]:
+    """(rows per block, columns per warp, grid, block) for ``M`` rows of an ``N``-column GEMV.
+
+    Only the work split changes with M; a row's arithmetic never does (lanes always cover K
+    as ``k = it*256 + lane*8 + i``, then the same butterfly), so results stay batch-invariant.
+    Wide outputs (the LM head) loop over the row blocks inside one block, so a block's weight
+    columns are read from DRAM once and reused from L1/L2 for every row block."""
+    rows = min(ROWS, 1 << max(0, (M - 1).bit_length()))
+    cols = 4 if (N >= 8192 or M > 16) else 2 if M > 4 else 1
+    row_blocks = 1 if N >= 8192 else (M + rows - 1) // rows
+    return rows, cols, ((N + WARPS * cols - 1) // (WARPS * cols), row_blocks), (32 * WARPS,)
 
 
-def gemv_grid(N: int, M: int) -> tuple[tuple, tuple]:
-    cols = _cols(N)
-    return ((N + WARPS * cols - 1) // (WARPS * cols), (M + ROWS - 1) // ROWS), (32 * WARPS,)
-
-
-def gemv(K: int, N: int, wdtype, *, ln: bool, epilogue: str, eps: float = 1e-5,
-         heads: int = 0, capacity: int = 0, cache_dtype=np.float32) -> tuple[str, str]:
+def gemv(K: int, N: int, wdtype, *, ln: bool, epilogue: str, eps: float = 1e-5, heads: int = 0,
+         capacity: int = 0, cache_dtype=np.float32, rows: int = ROWS, cols: int = 1) -> tuple[str, str]:
     """``out[m, n] (+)= epi(sum_k xn[row(m), k] * W[n, k] + bias[n])``; W is [N, K] row-major.
 
     Arguments (all pointers passed as 64-bit integers): x [*, K] fp32, rowmap int32 [M] or 0
     (input row of output row m), ln_w, ln_b (fp32 [K] or 0), W, bias (fp32 [N] or 0), out,
     M, and for ``qkv``: row_slot, row_pos (int32 [M]), k_cache, v_cache ([slots, H, cap, D]).
     ``qkv`` writes columns [0, C) to ``out`` [M, C] and the K / V columns into the caches.
+    ``rows`` / ``cols`` come from :func:`gemv_shape`.
     """
     if K % 8:
         raise ValueError(f"gemv needs K % 8 == 0, got K={K}")
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}")
-    cols = _cols(N)
     W, CT = ctype(wdtype), ctype(cache_dtype)
     C = N // 3 if epilogue == "qkv" else N
     D = C // heads if heads else 0
     if epilogue == "qkv":
         store = f"""
-        if (n < {C}) out[m * {C}LL + n] = v;
-        else {{
-          const i64 nn = (n - {C}) % {C}, h = nn / {D}, d = nn % {D};
-          {CT}* cache = n < {2 * C} ? k_cache : v_cache;
-          st(cache, (((i64)row_slot[m] * {heads} + h) * {capacity} + row_pos[m]) * {D} + d, v);
-        }}"""
+          if (n < {C}) out[m * {C}LL + n] = v;
+          else {{
+            const i64 nn = (n - {C}) % {C}, h = nn / {D}, d = nn % {D};
+            {CT}* cache = n < {2 * C} ? k_cache : v_cache;
+            st(cache, (((i64)row_slot[m] * {heads} + h) * {capacity} + row_pos[m]) * {D} + d, v);
+          }}"""
     elif epilogue == "residual":
         store = f"out[m * {N}LL + n] += v;"
     elif epilogue == "gelu":
@@ -100,7 +104,7 @@ def gemv(K: int, N: int, wdtype, *, ln: bool, epilogue: str, eps: float = 1e-5,
     else:
         store = f"out[m * {N}LL + n] = v;"
     add_bias = "" if epilogue == "plain" else " + bias[n]"
-    name = f"gemv_{epilogue}{'_ln' if ln else ''}"
+    name = f"gemv_{epilogue}{'_ln' if ln else ''}_r{rows}c{cols}"
     src = PRELUDE + _LOAD8 + f"""
 extern "C" __global__ void __launch_bounds__({32 * WARPS}) {name}(
     const float* __restrict__ x, const int* __restrict__ rowmap, const float* __restrict__ ln_w,
@@ -108,77 +112,82 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) {name}(
     float* __restrict__ out, i64 M, const int* __restrict__ row_slot, const int* __restrict__ row_pos,
     {CT}* __restrict__ k_cache, {CT}* __restrict__ v_cache) {{
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const i64 m0 = (i64)blockIdx.y * {ROWS};
-  __shared__ int s_row[{ROWS}];
-  __shared__ float s_mean[{ROWS}], s_rstd[{ROWS}];
-  if (threadIdx.x < {ROWS}) {{
-    const i64 m = m0 + threadIdx.x;
-    s_row[threadIdx.x] = m < M ? (rowmap ? rowmap[m] : (int)m) : -1;
-  }}
-  __syncthreads();
-  if ({int(ln)}) {{
-    for (int r = warp; r < {ROWS}; r += {WARPS}) {{
-      const int row = s_row[r];
-      if (row < 0) continue;
-      const float* xr = x + (i64)row * {K};
-      float s = 0.f;
-      for (int k = lane; k < {K}; k += 32) s += xr[k];
-      const float mean = warp_sum(s) / {K}.f;
-      float q = 0.f;
-      for (int k = lane; k < {K}; k += 32) {{ const float d = xr[k] - mean; q += d * d; }}
-      const float var = warp_sum(q) / {K}.f;
-      if (lane == 0) {{ s_mean[r] = mean; s_rstd[r] = 1.0f / sqrtf(var + {float(np.float32(eps))!r}f); }}
+  const i64 n0 = ((i64)blockIdx.x * {WARPS} + warp) * {cols};
+  __shared__ int s_row[{rows}];
+  __shared__ float s_mean[{rows}], s_rstd[{rows}];
+  for (i64 m0 = (i64)blockIdx.y * {rows}; m0 < M; m0 += (i64)gridDim.y * {rows}) {{
+    __syncthreads();
+    if (threadIdx.x < {rows}) {{
+      const i64 m = m0 + threadIdx.x;
+      s_row[threadIdx.x] = m < M ? (rowmap ? rowmap[m] : (int)m) : -1;
     }}
     __syncthreads();
-  }}
-  const i64 n0 = ((i64)blockIdx.x * {WARPS} + warp) * {cols};
-  if (n0 >= {N}) return;
-  float acc[{ROWS}][{cols}];
-  #pragma unroll
-  for (int r = 0; r < {ROWS}; ++r)
-    #pragma unroll
-    for (int c = 0; c < {cols}; ++c) acc[r][c] = 0.f;
-  #pragma unroll
-  for (int it = 0; it < {(K + 255) // 256}; ++it) {{
-    const int k = it * 256 + lane * 8;
-    if (k >= {K}) break;
-    float wv[{cols}][8];
-    #pragma unroll
-    for (int c = 0; c < {cols}; ++c) {{
-      if (n0 + c < {N}) load8(w + (n0 + c) * {K}LL + k, wv[c]);
-      else {{
+    if ({int(ln)}) {{
+      for (int r = warp; r < {rows}; r += {WARPS}) {{
+        const int row = s_row[r];
+        if (row < 0) continue;
+        const float* xr = x + (i64)row * {K};
+        float s = 0.f;
         #pragma unroll
-        for (int i = 0; i < 8; ++i) wv[c][i] = 0.f;
+        for (int k = lane; k < {K}; k += 32) s += xr[k];
+        const float mean = warp_sum(s) / {K}.f;
+        float q = 0.f;
+        #pragma unroll
+        for (int k = lane; k < {K}; k += 32) {{ const float d = xr[k] - mean; q += d * d; }}
+        const float var = warp_sum(q) / {K}.f;
+        if (lane == 0) {{ s_mean[r] = mean; s_rstd[r] = 1.0f / sqrtf(var + {float(np.float32(eps))!r}f); }}
       }}
+      __syncthreads();
     }}
-    float g[8], b[8];
-    if ({int(ln)}) {{ load8(ln_w + k, g); load8(ln_b + k, b); }}
+    if (n0 >= {N}) continue;
+    float acc[{rows}][{cols}];
     #pragma unroll
-    for (int r = 0; r < {ROWS}; ++r) {{
-      const int row = s_row[r];
-      if (row < 0) continue;
-      float xv[8];
-      load8(x + (i64)row * {K} + k, xv);
-      if ({int(ln)}) {{
-        #pragma unroll
-        for (int i = 0; i < 8; ++i) xv[i] = (xv[i] - s_mean[r]) * s_rstd[r] * g[i] + b[i];
-      }}
+    for (int r = 0; r < {rows}; ++r)
       #pragma unroll
-      for (int c = 0; c < {cols}; ++c)
-        #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[r][c] = fmaf(xv[i], wv[c][i], acc[r][c]);
-    }}
-  }}
-  #pragma unroll
-  for (int r = 0; r < {ROWS}; ++r) {{
-    const i64 m = m0 + r;
+      for (int c = 0; c < {cols}; ++c) acc[r][c] = 0.f;
     #pragma unroll
-    for (int c = 0; c < {cols}; ++c) {{
-      const float total = warp_sum(acc[r][c]);
-      const i64 n = n0 + c;
-      if (lane == 0 && m < M && n < {N}) {{
-        const float v = total{add_bias};
-        {store}
+    for (int it = 0; it < {(K + 255) // 256}; ++it) {{
+      const int k = it * 256 + lane * 8;
+      if (k >= {K}) break;
+      float wv[{cols}][8];
+      #pragma unroll
+      for (int c = 0; c < {cols}; ++c) {{
+        if (n0 + c < {N}) load8(w + (n0 + c) * {K}LL + k, wv[c]);
+        else {{
+          #pragma unroll
+          for (int i = 0; i < 8; ++i) wv[c][i] = 0.f;
+        }}
+      }}
+      float g[8], b[8];
+      if ({int(ln)}) {{ load8(ln_w + k, g); load8(ln_b + k, b); }}
+      #pragma unroll
+      for (int r = 0; r < {rows}; ++r) {{
+        const int row = s_row[r];
+        if (row < 0) continue;
+        float xv[8];
+        load8(x + (i64)row * {K} + k, xv);
+        if ({int(ln)}) {{
+          #pragma unroll
+          for (int i = 0; i < 8; ++i) xv[i] = (xv[i] - s_mean[r]) * s_rstd[r] * g[i] + b[i];
+        }}
+        #pragma unroll
+        for (int c = 0; c < {cols}; ++c)
+          #pragma unroll
+          for (int i = 0; i < 8; ++i) acc[r][c] = fmaf(xv[i], wv[c][i], acc[r][c]);
+      }}
+    }}
+    #pragma unroll
+    for (int r = 0; r < {rows}; ++r) {{
+      const i64 m = m0 + r;
+      if (m >= M) break;
+      #pragma unroll
+      for (int c = 0; c < {cols}; ++c) {{
+        const float total = warp_sum(acc[r][c]);
+        const i64 n = n0 + c;
+        if (lane == 0 && n < {N}) {{
+          const float v = total{add_bias};
+          {store}
+        }}
       }}
     }}
   }}
@@ -225,7 +234,7 @@ def decode_attention(heads: int, D: int, capacity: int, cache_dtype) -> tuple[st
     NW = CHUNK // 32
     scale = float(np.float32(1.0 / math.sqrt(D)))
     name = "decode_attention"
-    src = PRELUDE + f"""
+    src = PRELUDE + _LOAD8 + f"""
 __device__ __forceinline__ float block_reduce(float v, float* s_red, bool is_max) {{
   v = is_max ? warp_max(v) : warp_sum(v);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -256,7 +265,12 @@ extern "C" __global__ void __launch_bounds__({CHUNK}) {name}(const float* __rest
     const {CT}* kr = k_cache + (base + j) * {D};
     float a = 0.f;
     #pragma unroll
-    for (int d = 0; d < {D}; ++d) a = fmaf(s_q[d], ld(kr, d), a);
+    for (int d0 = 0; d0 < {D}; d0 += 8) {{
+      float kv[8];
+      load8(kr + d0, kv);
+      #pragma unroll
+      for (int i = 0; i < 8; ++i) a = fmaf(s_q[d0 + i], kv[i], a);
+    }}
     s = a * {scale!r}f;
   }}
   const float mx = block_reduce(s, s_red, true);
