@@ -99,3 +99,34 @@ def test_cublas_operand_mapping():
     xt = x.transpose((1, 0))        # [5, 3] stored column-major
     assert operand(xt, False) == (True, 5) and operand(xt, True) == (False, 5)
     assert operand(Tensor(st, (3, 5), (10, 2), np.dtype(np.float32)), False) is None
+
+
+def test_memory_plan_never_overlaps_live_storages():
+    """Arena reuse: two storages that are live at the same step never share bytes, and
+    reuse makes the arena smaller than one slot per storage."""
+    from graphc.backends.cuda.program import lifetimes, plan_memory
+
+    _, program = lowered("L2H4C64", "train", "fp32", 4, 64)
+    placed = [s for s in program.storages if s.kind != "external"]
+    plain = plan_memory(program, placed, False)
+    size = plan_memory(program, placed, True)
+    assert size < plain
+    spans = lifetimes(program)
+    everything = (0, len(program.steps))
+    boxes = [(s.offset, s.offset + s.nbytes, *spans.get(s.id, everything)) for s in placed if s.nbytes]
+    for i, (a0, a1, f0, l0) in enumerate(boxes):
+        assert a1 <= size
+        for b0, b1, f1, l1 in boxes[i + 1:]:
+            if a0 < b1 and b0 < a1:   # share bytes: then they must never be live together
+                assert l0 < f1 or l1 < f0
+
+
+def test_memory_estimate_is_one_line_error():
+    from graphc.backends.cuda.program import check_fits
+    from graphc.errors import GraphcError
+
+    _, program = lowered("L2H4C64", "train", "fp32", 4, 64)
+    with pytest.raises(GraphcError) as e:
+        check_fits(program, 10 << 30, 1 << 30)
+    assert "needs 10.0 GiB" in str(e.value) and "1.0 GiB is free" in str(e.value) and "\n" not in str(e.value)
+    check_fits(program, 1 << 20, 1 << 30)

@@ -87,7 +87,7 @@ def test_every_value_matches_onnxruntime(cuda):
     feeds = {"tokens": x.astype(np.int64), "targets": y.astype(np.int64), **params.feeds()}
     program = Program()
     lower(model, program=program)
-    program.finalize(cuda.rt, cuda.modules)
+    program.finalize(cuda.rt, cuda.modules, reuse=False)   # every value kept for the comparison
     from graphc.backends.cuda import _htod
 
     for name, t in program.inputs.items():

@@ -54,6 +54,19 @@ class Blas:
                    int(cb.ComputeType.COMPUTE_32F), int(cb.GemmAlgo.DEFAULT))
 
 
+    def gemm_batched(self, stream, *, transa, transb, m, n, k, a, lda, sa, atype, b, ldb, sb, btype, c, ldc, sc,
+                     ctype, batch, alpha=1.0, beta=0.0):
+        """``batch`` GEMMs whose operands are ``sa``/``sb``/``sc`` elements apart."""
+        cb = self.cublas
+        scal = np.array([alpha, beta], np.float32)
+        self._scalars.append(scal)
+        cb.set_stream(self.handle, stream)
+        cb.gemm_strided_batched_ex(self.handle, int(cb.Operation.T if transa else cb.Operation.N),
+                                   int(cb.Operation.T if transb else cb.Operation.N), m, n, k,
+                                   scal.ctypes.data, a, atype, lda, sa, b, btype, ldb, sb, scal.ctypes.data + 4,
+                                   c, ctype, ldc, sc, batch, int(cb.ComputeType.COMPUTE_32F), int(cb.GemmAlgo.DEFAULT))
+
+
 def operand(t, trans: bool):
     """(cuBLAS op T?, ld) for the row-major ``op(t)`` given to cuBLAS as op(t)^T; None if the
     view has no unit stride (it needs a copy first)."""

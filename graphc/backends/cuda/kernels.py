@@ -525,3 +525,109 @@ extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict_
 }}
 """
     return src, "adamw"
+
+
+def cross_entropy_fused(rows: int, V: int, z_dt, t_dt, z_ld: int, dz_dt=None, dz_ld: int = 0, dz_cols: int = 0,
+                        grad_scale: float = 0.0):
+    """llm.c's fused classifier: one block per row reads the logits once for an online
+    max / sum-of-exponentials (fp32), writes the row's loss, and -- when ``dz_dt`` is given
+    -- writes dZ = (softmax - onehot) * grad_scale over the row (zeros over the padded
+    columns V..dz_cols) while the row is still in L2. ``ce_mean`` (from
+    :func:`cross_entropy`) then averages the row losses in a fixed order."""
+    grad = dz_dt is not None
+    src = PRELUDE + f"""
+__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {{
+  float mm = fmaxf(m, m2);
+  s = s * expf(m - mm) + s2 * expf(m2 - mm);
+  m = mm;
+}}
+extern "C" __global__ void ce_fused(const {ctype(z_dt)}* __restrict__ z, const {ctype(t_dt)}* __restrict__ tgt,
+                                    float* __restrict__ losses{f", {ctype(dz_dt)}* __restrict__ dz" if grad else ""}) {{
+  __shared__ float sm[32], ss[32];
+  const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32, wid = tid / 32, nw = blockDim.x / 32;
+  const i64 zo = (i64)row * {z_ld}LL;
+  float m = -3.0e38f, s = 0.f;
+  for (int c = tid; c < {V}; c += blockDim.x) {{
+    float x = ld(z, zo + c);
+    if (x > m) {{ s = s * expf(m - x) + 1.f; m = x; }} else {{ s += expf(x - m); }}
+  }}
+  for (int o = 16; o > 0; o >>= 1) {{
+    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    combine(m, s, m2, s2);
+  }}
+  if (lane == 0) {{ sm[wid] = m; ss[wid] = s; }}
+  __syncthreads();
+  if (tid == 0) {{
+    float M = sm[0], S = ss[0];
+    for (int w = 1; w < nw; ++w) combine(M, S, sm[w], ss[w]);
+    sm[0] = M; ss[0] = S;
+    losses[row] = logf(S) + M - ld(z, zo + ld(tgt, row));
+  }}
+  __syncthreads();
+  {"" if not grad else f'''const float M = sm[0], inv = 1.f / ss[0];
+  const int t = (int)ld(tgt, row);
+  const i64 go = (i64)row * {dz_ld}LL;
+  for (int c = tid; c < {dz_cols}; c += blockDim.x) {{
+    float g = 0.f;
+    if (c < {V}) {{ g = expf(ld(z, zo + c) - M) * inv; if (c == t) g -= 1.f; g *= {lit(grad_scale, np.float32)}; }}
+    st(dz, go + c, g);
+  }}'''}
+}}
+"""
+    return src, "ce_fused"
+
+
+def attention_softmax(H: int, T: int, scale: float, causal: bool):
+    """In place over S [H, T, T] (fp32, one batch element): P = softmax(scale S) with the
+    causal mask (key j > query i gets 0). One block per (head, query) row."""
+    src = PRELUDE + f"""
+extern "C" __global__ void attn_softmax(float* __restrict__ s) {{
+  __shared__ float red[32];
+  const int r = blockIdx.x, i = r % {T}, tid = threadIdx.x;
+  float* row = s + (i64)r * {T};
+  const int n = {"i + 1" if causal else T};
+  float m = -3.0e38f;
+  for (int j = tid; j < n; j += blockDim.x) m = fmaxf(m, row[j] * {lit(scale, np.float32)});
+  m = warp_max(m);
+  if (tid % 32 == 0) red[tid / 32] = m;
+  __syncthreads();
+  if (tid < 32) {{ float x = tid < blockDim.x / 32 ? red[tid] : -3.0e38f; x = warp_max(x); if (tid == 0) red[0] = x; }}
+  __syncthreads();
+  m = red[0];
+  __syncthreads();
+  float sum = 0.f;
+  for (int j = tid; j < n; j += blockDim.x) {{ float e = expf(row[j] * {lit(scale, np.float32)} - m); row[j] = e; sum += e; }}
+  sum = warp_sum(sum);
+  if (tid % 32 == 0) red[tid / 32] = sum;
+  __syncthreads();
+  if (tid < 32) {{ float x = tid < blockDim.x / 32 ? red[tid] : 0.f; x = warp_sum(x); if (tid == 0) red[0] = x; }}
+  __syncthreads();
+  const float inv = 1.f / red[0];
+  for (int j = tid; j < {T}; j += blockDim.x) row[j] = j < n ? row[j] * inv : 0.f;
+}}
+"""
+    return src, "attn_softmax"
+
+
+def attention_dscores(H: int, T: int, D: int, dy_st, y_st, scale: float, dt, ddt):
+    """In place over dP [H, T, T] (fp32, one batch element, whose Y/dY start at the
+    pointers given): dS = scale * P (dP - rowsum(dY * Y)). One block per (head, query) row."""
+    src = PRELUDE + f"""
+extern "C" __global__ void attn_dscores(const float* __restrict__ p, float* __restrict__ dp,
+                                        const {ctype(ddt)}* __restrict__ dy, const {ctype(dt)}* __restrict__ y) {{
+  __shared__ float red[32];
+  const int r = blockIdx.x, h = r / {T}, i = r % {T}, tid = threadIdx.x;
+  float part = 0.f;
+  for (int d = tid; d < {D}; d += blockDim.x)
+    part += ld(dy, (i64)h * {dy_st[1]} + (i64)i * {dy_st[2]} + d) * ld(y, (i64)h * {y_st[1]} + (i64)i * {y_st[2]} + d);
+  part = warp_sum(part);
+  if (tid % 32 == 0) red[tid / 32] = part;
+  __syncthreads();
+  if (tid < 32) {{ float x = tid < blockDim.x / 32 ? red[tid] : 0.f; x = warp_sum(x); if (tid == 0) red[0] = x; }}
+  __syncthreads();
+  const float di = red[0];
+  const i64 o = (i64)r * {T};
+  for (int j = tid; j < {T}; j += blockDim.x) dp[o + j] = {lit(scale, np.float32)} * p[o + j] * (dp[o + j] - di);
+}}
+"""
+    return src, "attn_dscores"

@@ -75,6 +75,7 @@ class Ctx:
         self.skip: set[int] = set()
         self.node: onnx.NodeProto | None = None
         self._uploaded: dict[int, Tensor] = {}
+        self._shared: dict[str, Tensor] = {}
         self.workspace = None
         self.declared: dict[str, np.dtype] = {}
         for vi in list(model.graph.value_info) + list(model.graph.output):
@@ -137,6 +138,14 @@ class Ctx:
     def scratch(self, shape, dtype=np.float32, label="scratch") -> Tensor:
         return self.fresh(shape, dtype, "scratch", label)
 
+    def shared_scratch(self, key: str, shape, dtype=np.float32) -> Tensor:
+        """One buffer for every node that asks with ``key``: safe because the steps run in
+        order on one stream and the buffer is dead between nodes (attention's scores)."""
+        t = self._shared.get(key)
+        if t is None or t.shape != tuple(shape):
+            t = self._shared[key] = self.fresh(shape, dtype, "scratch", key)
+        return t
+
     # ---------------------------------------------------------------- work
     def launch(self, src_name, grid, block, args, shmem=0, name=None) -> None:
         src, kname = src_name if name is None else (src_name[0], name)
@@ -184,8 +193,10 @@ class Ctx:
         c = self.contiguous(t).reshape((lead, cols))
         return c, cols
 
-    def call(self, make) -> None:
-        self.program.steps.append(CallStep(make, node_label(self.node) if self.node else ""))
+    def call(self, make, tensors) -> None:
+        """A library call built after the arena exists; ``tensors``: every tensor it touches
+        (the memory planner needs them to know what is live)."""
+        self.program.steps.append(CallStep(make, node_label(self.node) if self.node else "", list(tensors)))
 
     def cublas_workspace(self) -> Tensor:
         if self.workspace is None:
@@ -217,7 +228,11 @@ def lower_shape(ctx, node):
     ctx.define(node.output[0], shape[start:end])
 
 
-def _view_or_copy(ctx, node, x: Tensor, shape) -> None:
+def _view_or_copy(ctx, node, x, shape) -> None:
+    """Define the node's output as ``x`` reshaped: a host constant reshaped on the host, a
+    device tensor as a view when its strides allow, else a copy."""
+    if isinstance(x, np.ndarray):
+        return ctx.define(node.output[0], x.reshape(shape))
     v = x.reshape(shape)
     if v is None:
         v = ctx.out(node.output[0], shape, x.dtype)
@@ -242,8 +257,6 @@ def lower_reshape(ctx, node):
     if -1 in out:
         known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
         out[out.index(-1)] = int(np.prod(shape, dtype=np.int64)) // max(known, 1)
-    if isinstance(x, np.ndarray):
-        return ctx.define(node.output[0], x.reshape(out))
     _view_or_copy(ctx, node, x, out)
 
 
@@ -267,8 +280,6 @@ def lower_squeeze(ctx, node):
     else:
         drop = {int(a) % len(shape) for a in axes} if axes is not None else {k for k, d in enumerate(shape) if d == 1}
         shape = [d for k, d in enumerate(shape) if k not in drop]
-    if isinstance(x, np.ndarray):
-        return ctx.define(node.output[0], x.reshape(shape))
     _view_or_copy(ctx, node, x, shape)
 
 
@@ -541,17 +552,59 @@ def lower_scatter_nd(ctx, node):
 
 @lowering(("graphc", "CrossEntropy"))
 def lower_cross_entropy(ctx, node):
+    """Row losses and their mean; when the graph also has this loss's CrossEntropyGrad with
+    a constant seed (training), one fused kernel writes the gradient too (llm.c's fused
+    classifier: the logits are read once from memory)."""
     z, z_ld = ctx.rows(ctx.tensor(node.input[0]))
     t = ctx.contiguous(ctx.tensor(node.input[1]))
     rows, V = z.shape
     losses = ctx.scratch((rows,), np.float32, "ce-losses")
-    stats = ctx.fresh((rows, 2), np.float32, "act", "ce-stats")
-    ctx.values[f"__ce_stats__{node.input[0]}"] = stats
     loss = ctx.out(node.output[0], (), np.float32)
-    src, (k1, k2) = K.cross_entropy(rows, V, z.dtype, t.dtype, z_ld)
-    ctx.launch((src, k1), [rows], [512], [z, t, losses, stats])
+    grad = _fusable_ce_grad(ctx, node)
+    if grad is None:
+        src = K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld)
+        ctx.launch(src, [rows], [1024], [z, t, losses])
+    else:
+        g, dloss = grad
+        dz, cols, pad = _ce_grad_destination(ctx, g, rows, V, z.dtype)
+        src = K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld, dz.dtype, cols, cols, dloss / rows)
+        ctx.launch(src, [rows], [1024], [z, t, losses, dz])
+        _define_ce_grad(ctx, g, dz, pad, rows, V, cols)
+        ctx.skip.add(id(g))
+    src, (_, k2) = K.cross_entropy(rows, V, z.dtype, t.dtype, z_ld)
     ctx.launch((src, k2), [1], [1024], [losses, loss])
     ctx.define(node.output[0], loss)
+
+
+def _fusable_ce_grad(ctx, node):
+    """(CrossEntropyGrad node, dloss) of the same logits and targets with a host-constant seed."""
+    for u in ctx.consumers.get(node.input[0], []):
+        if u.op_type == "CrossEntropyGrad" and u.domain == "graphc" and list(u.input[1:3]) == list(node.input[:2]):
+            seed = ctx.host(u.input[0])
+            if seed is not None and seed.size == 1:
+                return u, float(seed.reshape(()))
+    return None
+
+
+def _ce_grad_destination(ctx, g, rows, V, dtype):
+    """Where dZ goes: straight into the padded buffer when a zero Pad of the vocabulary
+    axis is its only consumer (then the kernel writes the pad's zeros too)."""
+    pad = _padded_consumer(ctx, g.output[0], 2)
+    cols = V
+    name = g.output[0]
+    if pad is not None:
+        cols = V + int(ctx.host(pad.input[1])[-1])
+        name = pad.output[0]
+    return ctx.out(name, (rows, cols), dtype), cols, pad
+
+
+def _define_ce_grad(ctx, g, dz, pad, rows, V, cols):
+    if pad is not None:
+        ctx.skip.add(id(pad))
+        ctx.define(pad.output[0], dz)
+        ctx.define(g.output[0], dz.view((rows, V), (cols, 1)))
+    else:
+        ctx.define(g.output[0], dz)
 
 
 def _padded_consumer(ctx, name, rank):
@@ -577,30 +630,18 @@ def _padded_consumer(ctx, name, rank):
 
 @lowering(("graphc", "CrossEntropyGrad"))
 def lower_cross_entropy_grad(ctx, node):
+    """Standalone (no fusable forward in the graph): one block per row, seed read from memory."""
     dloss = ctx.tensor(node.input[0])
     z, z_ld = ctx.rows(ctx.tensor(node.input[1]))
     t = ctx.contiguous(ctx.tensor(node.input[2]))
     rows, V = z.shape
-    stats = ctx.values.get(f"__ce_stats__{node.input[1]}")
-    if stats is None:  # no forward in this graph: compute the row stats here
-        stats = ctx.fresh((rows, 2), np.float32, "act", "ce-stats")
-        src, (k1, _) = K.cross_entropy(rows, V, z.dtype, t.dtype, z_ld)
-        ctx.launch((src, k1), [rows], [512], [z, t, ctx.scratch((rows,), np.float32), stats])
-    pad = _padded_consumer(ctx, node.output[0], len(ctx.shape(node.input[1])))
-    name = pad.output[0] if pad is not None else node.output[0]
-    cols = V
-    if pad is not None:
-        n_axes = len(ctx.host(pad.input[3])) if len(pad.input) > 3 and pad.input[3] else 2
-        cols = V + int(ctx.host(pad.input[1])[-1] if n_axes else 0)
-    dz = ctx.out(name, (rows, cols), z.dtype)
+    stats = ctx.fresh((rows, 2), np.float32, "act", "ce-stats")
+    src, (k1, _) = K.cross_entropy(rows, V, z.dtype, t.dtype, z_ld)
+    ctx.launch((src, k1), [rows], [512], [z, t, ctx.scratch((rows,), np.float32), stats])
+    dz, cols, pad = _ce_grad_destination(ctx, node, rows, V, z.dtype)
     src = K.cross_entropy_grad(rows, V, z.dtype, t.dtype, dz.dtype, z_ld, cols, cols, dloss.dtype)
     ctx.launch(src, [-(-cols // 256), rows], [256], [dloss, z, t, stats, dz])
-    if pad is not None:
-        ctx.skip.add(id(pad))
-        ctx.define(pad.output[0], dz)
-        ctx.define(node.output[0], dz.view((rows, V), (cols, 1)))
-    else:
-        ctx.define(node.output[0], dz)
+    _define_ce_grad(ctx, node, dz, pad, rows, V, cols)
 
 
 def _attention_shapes(ctx, q: Tensor, node):
@@ -636,6 +677,50 @@ def _library_workspace(nbytes: int):
     return DeviceBuffer.allocate((max(int(nbytes), 1),), np.uint8, get_runtime().stream) if nbytes else None
 
 
+def _gemm_attention_ok(q, k, v, *more) -> bool:
+    """FP32 attention as batched cuBLAS GEMMs + row kernels (cuDNN has no fp32 SDPA)."""
+    import os
+
+    return (os.environ.get("GRAPHC_ATTN_GEMM", "1") != "0" and q.dtype == np.float32
+            and all(t.dtype == np.float32 and t.strides[3] == 1 for t in (q, k, v, *more)))
+
+
+def _head(t: Tensor, b: int) -> Tensor:
+    """Batch element b, head 0 of a [B, H, T, D] view, as a 2-D [T, D] view."""
+    return t.view(t.shape[2:], t.strides[2:], t.offset + b * t.strides[0])
+
+
+def _batched_gemm(ctx, a, ta, b, tb, y, batch, sa, sb, sy, alpha=1.0) -> None:
+    """y[i] = alpha op(a[i]) op(b[i]), i < batch; a, b, y are 2-D views of element 0 and the
+    elements are sa, sb, sy apart (cublasGemmStridedBatchedEx, fp32 compute)."""
+    M = a.shape[1] if ta else a.shape[0]
+    K_ = a.shape[0] if ta else a.shape[1]
+    N = b.shape[0] if tb else b.shape[1]
+    opa, opb = operand(a, ta), operand(b, tb)
+    assert opa is not None and opb is not None and y.strides[1] == 1, (a, b, y)
+    ws = ctx.cublas_workspace()
+    types = cuda_dtype(b.dtype), cuda_dtype(a.dtype), cuda_dtype(y.dtype)
+
+    def make(rt):
+        blas = blas_for(rt, ws)
+        args = dict(transa=opb[0], transb=opa[0], m=N, n=M, k=K_, a=b.ptr, lda=opb[1], sa=sb, atype=types[0],
+                    b=a.ptr, ldb=opa[1], sb=sa, btype=types[1], c=y.ptr, ldc=y.strides[0], sc=sy, ctype=types[2],
+                    batch=batch, alpha=alpha)
+        return lambda stream: blas.gemm_batched(stream, **args)
+
+    ctx.call(make, [a, b, y, ws])
+
+
+def _scores(ctx, q, k, b, scale, causal) -> Tensor:
+    """P = softmax(scale Q K^T, causal) for batch element b, all heads: [H, T, T] fp32."""
+    _, H, T, _ = q.shape
+    s = ctx.shared_scratch("attn-scores", (H, T, T))
+    s2 = s.view((T, T), (T, 1), s.offset)
+    _batched_gemm(ctx, _head(q, b), False, _head(k, b), True, s2, H, q.strides[1], k.strides[1], T * T)
+    ctx.launch(K.attention_softmax(H, T, float(scale), causal), [H * T], [256], [s])
+    return s
+
+
 @lowering("Attention")
 def lower_attention(ctx, node):
     if len([i for i in node.input if i]) != 3 or len([o for o in node.output if o]) != 1:
@@ -659,7 +744,13 @@ def lower_attention(ctx, node):
             wsp = ws.ptr if ws is not None else None
             return lambda stream: (plan.run(stream, q.ptr, k.ptr, v.ptr, y.ptr, stats.ptr, workspace_ptr=wsp), ws)
 
-        ctx.call(make)
+        ctx.call(make, [q, k, v, y, stats])
+    elif _gemm_attention_ok(q, k, v):
+        ctx.values[f"__attn_stats__{node.output[0]}"] = ("gemm", None)
+        for b in range(B):
+            p = _scores(ctx, q, k, b, scale, causal)
+            _batched_gemm(ctx, p.view((T, T), (T, 1), p.offset), False, _head(v, b), False, _head(y, b), H,
+                          T * T, v.strides[1], y.strides[1])
     else:
         stats = ctx.fresh((B, H, T, 2), np.float32, "act", "attn-stats")
         ctx.values[f"__attn_stats__{node.output[0]}"] = ("own", stats)
@@ -694,7 +785,21 @@ def lower_attention_grad(ctx, node):
             ptrs = [t.ptr for t in ts]
             return lambda stream: (plan.run(stream, *ptrs, workspace_ptr=wsp), ws)
 
-        ctx.call(make)
+        ctx.call(make, [q, k, v, y, dy, stats, dq, dk, dv])
+    elif kind == "gemm" and _gemm_attention_ok(q, k, v, y, dy):
+        dp = ctx.shared_scratch("attn-dscores", (H, T, T))
+        dp2 = dp.view((T, T), (T, 1), dp.offset)
+        for b in range(B):
+            p = _scores(ctx, q, k, b, scale, causal)
+            p2 = p.view((T, T), (T, 1), p.offset)
+            _batched_gemm(ctx, p2, True, _head(dy, b), False, _head(dv, b), H, T * T, dy.strides[1], dv.strides[1])
+            _batched_gemm(ctx, _head(dy, b), False, _head(v, b), True, dp2, H, dy.strides[1], v.strides[1], T * T)
+            src = K.attention_dscores(H, T, D, dy.strides, y.strides, float(scale), y.dtype, dy.dtype)
+            dy_b = dy.view(dy.shape, dy.strides, dy.offset + b * dy.strides[0])
+            y_b = y.view(y.shape, y.strides, y.offset + b * y.strides[0])
+            ctx.launch(src, [H * T], [256], [p, dp, dy_b, y_b])
+            _batched_gemm(ctx, dp2, False, _head(k, b), False, _head(dq, b), H, T * T, k.strides[1], dq.strides[1])
+            _batched_gemm(ctx, dp2, True, _head(q, b), False, _head(dk, b), H, T * T, q.strides[1], dk.strides[1])
     else:
         if kind != "own":
             raise GraphcError("model", f"node {node_label(node)}: dY's layout differs from Y's (cuDNN needs one)",
@@ -792,7 +897,7 @@ def lower_gemm(ctx, node):
                     b=a.ptr, ldb=opa[1], btype=btype, c=y2.ptr, ldc=N, ctype=ctype_, alpha=alpha, beta=gemm_beta)
         return lambda stream: blas.gemm(stream, **args)
 
-    ctx.call(make)
+    ctx.call(make, [a, b, y2, ws])
     ctx.define(node.output[0], y)
 
 
@@ -847,7 +952,7 @@ def _lower_gemm_lt(ctx, node, a, b, c, ta, tb, M, N, K_, alpha, beta, out_shape)
         ptrs = (a.ptr, b.ptr, None, d.ptr)
         return lambda stream: plan.run(stream, *ptrs, **args)
 
-    ctx.call(make)
+    ctx.call(make, [t for t in (a, b, d, bias, aux, ws) if t is not None])
     if skip is not None:
         ctx.skip.add(id(skip))
         ctx.define(skip.output[0], d)

@@ -71,6 +71,7 @@ class CallStep:
 
     make: object
     node: str = ""
+    tensors: list = field(default_factory=list)
     _fn: object = None
 
     def prepare(self, rt, modules) -> None:
@@ -109,15 +110,15 @@ class Program:
         s.addr = buf.ptr
         return Tensor(s, tuple(buf.shape), contiguous_strides(buf.shape), np.dtype(buf.dtype))
 
-    def finalize(self, rt, modules) -> None:
-        """Place every storage, allocate the arena, upload constants, compile, resolve."""
-        from graphc.runtime.cuda.driver import Arena, align
+    def finalize(self, rt, modules, *, reuse: bool = True) -> None:
+        """Place every storage (sharing memory between activations whose lifetimes do not
+        overlap, unless ``reuse`` is off), allocate the arena, upload constants, compile,
+        resolve pointers."""
+        from graphc.runtime.cuda.driver import Arena
 
-        offset = 0
         placed = [s for s in self.storages if s.kind != "external"]
-        for s in placed:
-            s.offset = offset
-            offset += align(s.nbytes)
+        offset = plan_memory(self, placed, reuse)
+        check_fits(self, offset, rt.mem_info()[0])
         self.arena = Arena(offset)
         for s in placed:
             s.addr = self.arena.ptr(s.offset)
@@ -138,3 +139,86 @@ class Program:
     def sources(self) -> list[tuple[str, str]]:
         """(source, kernel name) of every kernel step (what CI compiles with NVRTC)."""
         return [(s.src, s.name) for s in self.steps if isinstance(s, KernelStep)]
+
+
+REUSABLE = {"act", "scratch"}
+
+
+def step_storages(step) -> set:
+    if isinstance(step, KernelStep):
+        items = step.args
+    elif isinstance(step, MemsetStep):
+        items = [step.tensor]
+    else:
+        items = step.tensors
+    out = set()
+    for a in items:
+        if isinstance(a, Tensor):
+            out.add(a.storage.id)
+        elif isinstance(a, Storage):
+            out.add(a.id)
+    return out
+
+
+def lifetimes(program: "Program") -> dict[int, tuple[int, int]]:
+    """Storage id -> (first step, last step) that touches it."""
+    live: dict[int, list] = {}
+    for i, step in enumerate(program.steps):
+        for sid in step_storages(step):
+            span = live.setdefault(sid, [i, i])
+            span[1] = i
+    return {k: (v[0], v[1]) for k, v in live.items()}
+
+
+def plan_memory(program: "Program", storages: list, reuse: bool) -> int:
+    """Byte offsets for ``storages``; returns the arena size. Activations and scratch whose
+    step intervals do not overlap share memory (greedy by size, lowest fitting offset, as
+    TFLite's planner); inputs, outputs, constants, gradients and optimizer state never do."""
+    from graphc.runtime.cuda.driver import align
+
+    pinned = {t.storage.id for t in list(program.inputs.values()) + list(program.outputs.values())}
+    pinned |= {t.storage.id for t, _ in program.consts}
+    spans = lifetimes(program) if reuse else {}
+    fixed, shared = [], []
+    for s in storages:
+        if reuse and s.kind in REUSABLE and s.id not in pinned and s.id in spans:
+            shared.append(s)
+        else:
+            fixed.append(s)
+    offset = 0
+    for s in fixed:
+        s.offset = offset
+        offset += align(s.nbytes)
+    base = offset
+    placed: list = []  # (start, end, first, last)
+    top = 0
+    for s in sorted(shared, key=lambda s: (-s.nbytes, s.id)):
+        first, last = spans[s.id]
+        size = align(s.nbytes)
+        busy = sorted((a, b) for a, b, f, l in placed if not (l < first or last < f))
+        at = 0
+        for a, b in busy:
+            if at + size <= a:
+                break
+            at = max(at, b)
+        s.offset = base + at
+        placed.append((at, at + size, first, last))
+        top = max(top, at + size)
+    return base + top
+
+
+def check_fits(program: "Program", arena_bytes: int, free_bytes: int, where: str = "cuda") -> None:
+    """A one-line error before anything is allocated when the arena cannot fit in the free
+    GPU memory, naming what takes the room (by storage kind)."""
+    from graphc.errors import GraphcError
+
+    if arena_bytes <= free_bytes:
+        return
+    by_kind: dict[str, int] = {}
+    for s in program.storages:
+        if s.kind != "external":
+            by_kind[s.kind] = by_kind.get(s.kind, 0) + s.nbytes
+    parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    raise GraphcError(where, f"the program needs {arena_bytes / 2**30:.1f} GiB of GPU memory ({parts}; "
+                      f"activations shared by liveness), only {free_bytes / 2**30:.1f} GiB is free: "
+                      "lower -b or -t", "GPU memory")
