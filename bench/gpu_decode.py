@@ -2,7 +2,8 @@
 
 GPT-2 124M (random init: speed does not depend on the weights), bf16, greedy, a 16-token
 prompt then 256 decode steps; a cache of 1024 positions per sequence (the anchor's) and a
-right-sized one (16 + 256); batch 1 / 16 / 64; plus the prefill of 1024 tokens. Figures are
+right-sized one (16 + 256); batch 1 / 16 / 64; plus the prefill of 1023 tokens (a 1024-position
+cache: one position stays free for the first new token). Figures are
 ms per decode step (one token for every sequence), CUDA events after warm-up:
 
 * graphc ``step()``: the seam's call (metadata in, one graph replay, ids out, host sync);

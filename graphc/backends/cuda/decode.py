@@ -258,12 +258,7 @@ class CudaDecoder(Decoder):
 
     def add(self, prompt, sampler: Sampler, *, logprobs: int | None = None):
         n = len(prompt)
-        if not 1 <= n < self.spec.capacity:
-            raise GraphcError(None, f"prompt of {n} tokens does not fit a cache of {self.spec.capacity} "
-                              "positions (it needs room for at least one new token)", "prompt")
-        slot = next((s for s in range(self.spec.slots) if s not in self.seqs), None)
-        if slot is None:
-            raise GraphcError(None, f"all {self.spec.slots} slots are busy", "slots")
+        slot = self.admit(n)
         V = self.cfg.vocab_size
         if any(not 0 <= int(t) < V for t in prompt):
             raise GraphcError(None, f"token id outside the vocabulary (0..{V - 1})", "prompt")
@@ -304,9 +299,7 @@ class CudaDecoder(Decoder):
         if not 1 <= len(prompt) <= min(cfg.max_seq_len, self.spec.capacity):
             raise GraphcError(None, f"prompt of {len(prompt)} tokens: the model takes 1..{self.spec.capacity}",
                               "prompt")
-        slot = next((s for s in range(self.spec.slots) if s not in self.seqs), None)
-        if slot is None:
-            raise GraphcError(None, f"all {self.spec.slots} slots are busy", "slots")
+        slot = self.admit(1)            # a free slot's cache rows hold the prompt meanwhile
         rows, step = [], min(self.samples_max, self.rows_max)
         greedy = _Seq(Sampler(0.0), 0, 0, 0, None)
         for start in range(0, len(prompt), step):
