@@ -112,6 +112,11 @@ class CudaBackend(Backend):
 
         return CudaEvaluator(self, params, B, T, precision=precision, opt=opt)
 
+    def decoder(self, params, spec):
+        from graphc.backends.cuda.decode import CudaDecoder
+
+        return CudaDecoder(self, params, spec)
+
 
 class CudaExecutable(Executable):
     """A graph lowered per distinct input shapes; each lowering replayed as a CUDA graph.
