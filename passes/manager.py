@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Protocol
 import onnx
 from onnx import helper
 
-from graphc.passes.fusions.ops import FUSED_KEYS, count_fused
+from graphc.ops import FUSED_KEYS, count_fused
 from graphc.passes.verify import VerificationError, verify
 
 DUMP_ENV = "GRAPHC_DUMP_DIR"

@@ -23,8 +23,9 @@
   outputs, which live outside the arena (the runtime owns parameters, tokens and the
   buffers it binds outputs into), separately.
 
-:func:`value_sizes` resolves the symbolic dims (``B``, ``T``) to the caller's ints and
-returns bytes per value; :func:`plan_model` does both.
+:func:`value_sizes` binds the symbolic dims (``B``, ``T``) to the caller's ints and
+returns bytes per value, from the shape engine shared with autodiff
+(:mod:`graphc.ir.shapes`); :func:`plan_model` does both.
 """
 
 from __future__ import annotations
@@ -35,26 +36,20 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 import onnx.numpy_helper
-from onnx import helper
 
-from graphc.passes.fusions.pattern import constant_node_value
+from graphc.ir.builder import np_dtype
+from graphc.ir.node import constant_value
+from graphc.ir.shapes import SAME_SHAPE, Shapes, is_static
+from graphc.ops import op_def
 
-INPLACE_OPS = {
+INPLACE_OPS = {   # graphc's fused ops (Gelu, the *Grad ops) state theirs in graphc.ops
     "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Relu", "Tanh", "Sigmoid", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Erf", "Pow", "Gelu", "Clip", "Where", "Max", "Min", "LeakyRelu", "Softmax", "LogSoftmax", "Identity",
+    "Erf", "Pow", "Clip", "Where", "Max", "Min", "LeakyRelu", "Softmax", "LogSoftmax", "Identity",
 }
 VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 
 
 SCATTER_OPS = {"ScatterND", "ScatterElements", "TensorScatter"}
-# graphc's fused backward ops whose first output may overwrite one input (row-local:
-# each row of the input is read completely before that row of the output is written,
-# as llm.c's kernels do): dlogits over the logits, dX over dY.
-FUSED_INPLACE = {
-    ("graphc", "CrossEntropyGrad"): 1,
-    ("graphc", "GeluGrad"): 0,
-    ("graphc", "LayerNormGrad"): 0,
-}
 
 
 def _alias_kind(n: onnx.NodeProto, x: str, sizes: Mapping[str, int], consts: dict) -> str | None:
@@ -70,9 +65,12 @@ def _alias_kind(n: onnx.NodeProto, x: str, sizes: Mapping[str, int], consts: dic
         return None
     o = n.output[0]
     same = sizes.get(o) is not None and sizes.get(x) == sizes.get(o)
-    if n.domain:
-        k = FUSED_INPLACE.get((n.domain, n.op_type))
+    fused = op_def(n.domain, n.op_type)
+    if fused is not None:     # a graphc op: its definition's in-place facts
+        k = fused.inplace.get(0)
         return "inplace" if k is not None and k < len(n.input) and n.input[k] == x and same else None
+    if n.domain:
+        return None
     if n.op_type in VIEW_OPS and x == n.input[0] and same:
         return "view"
     if n.op_type in INPLACE_OPS and same:
@@ -197,7 +195,7 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name not in graph_inputs}
     for n in nodes:
         if n.op_type == "Constant" and not n.domain and len(n.attribute) == 1:
-            value = constant_node_value(n)
+            value = constant_value(n)
             if value is not None:
                 consts[n.output[0]] = value
     external_views = []
@@ -325,43 +323,31 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
 
 
 # ----------------------------------------------------------------------------- sizes
-def concrete_model(model: onnx.ModelProto, dims: Mapping[str, int]) -> onnx.ModelProto:
-    """A copy with the symbolic input/output dims replaced by ``dims`` and every value's
-    shape inferred (shape-computing subgraphs constant-folded so Range/Slice resolve)."""
-    from graphc.passes.constant_fold import ConstantFold
-    from graphc.passes.verify import infer_shapes, strip_value_info
-
-    m = strip_value_info(model)
-    for v in [*m.graph.input, *m.graph.output]:
-        for d in v.type.tensor_type.shape.dim:
-            if d.HasField("dim_param") and d.dim_param in dims:
-                d.dim_value = int(dims[d.dim_param])
-    m = infer_shapes(m)
-    folder = ConstantFold(max_elements=1 << 16)
-    for _ in range(4):
-        m, changed = folder(m)
-        m = infer_shapes(m)
-        if not changed:
-            break
-    return m
-
-
 def value_sizes(model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, int]:
-    """Bytes of every value (graph inputs, initializers, node outputs) for concrete dims."""
-    m = concrete_model(model, dims)
+    """Bytes of every value (graph inputs, initializers, node outputs) for concrete dims:
+    the symbolic shape engine (:mod:`graphc.ir.shapes`) with the dims bound."""
+    shapes = Shapes.of_model(model, bind=dims)
+    g = model.graph
+    # What the engine cannot derive (a gradient Pad with run-time pads) the graph's declared
+    # outputs may state; and backwards through same-shape ops, a Cast's output shape (that
+    # gradient cast to fp32 by the BF16 pass) tells its input's shape too.
+    for v in g.output:
+        declared = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param)
+                    for d in v.type.tensor_type.shape.dim]
+        if not is_static(shapes.shape.get(v.name)) and v.type.tensor_type.HasField("shape") and \
+                all(isinstance(d, int) for d in declared):
+            shapes.shape[v.name] = declared
+    for n in reversed(g.node):
+        if not n.domain and (n.op_type in SAME_SHAPE or n.op_type in ("Cast", "CastLike", "Identity")) and n.input and n.input[0] and \
+                is_static(shapes.shape.get(n.output[0])) and not is_static(shapes.shape.get(n.input[0])):
+            shapes.shape[n.input[0]] = shapes.shape[n.output[0]]
+    names = [v.name for v in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output if o]
     sizes: dict[str, int] = {}
-    unknown = []
-    for t in m.graph.initializer:
-        sizes[t.name] = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    for v in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
-        t = v.type.tensor_type
-        if not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim) or not t.elem_type:
-            unknown.append(v.name)
-            continue
-        n = int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64))
-        sizes[v.name] = n * np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
-    needed = {o for n in model.graph.node for o in n.output if o}
-    still = sorted(v for v in needed if v not in sizes)
+    for v in names:
+        shape, dtype = shapes.shape.get(v), shapes.dtype.get(v)
+        if is_static(shape) and dtype:
+            sizes[v] = int(np.prod(shape, dtype=np.int64)) * np_dtype(dtype).itemsize
+    still = sorted({o for n in g.node for o in n.output if o and o not in sizes})
     if still:
         raise ValueError(f"cannot resolve the size of {len(still)} value(s) with dims {dict(dims)}: {still[:5]}")
     return sizes

@@ -10,7 +10,7 @@ Two registries, no if-chains:
 
 ``train`` starts from the *forward* graph with its loss and differentiates inside the
 pipeline, after the forward fusions: the VJP rules of the fused ops
-(``passes/autodiff/rules_fused.py``) then emit the fused backward ops directly, which is
+(their definitions in ``graphc/ops/``) then emit the fused backward ops directly, which is
 simpler and more robust than recognising the backward of every primitive afterwards.
 ``train_graph`` is for a graph that is already differentiated (its outputs include
 ``grad.*``): ``fuse_backward`` proves its gradients are the plain autodiff of its forward
@@ -68,9 +68,8 @@ class Differentiate:
         self.stats: dict[str, int] = {}
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-        import graphc.passes.autodiff.rules_fused  # noqa: F401 - fused VJPs (registered after the primitive ones)
         from graphc.passes.autodiff import differentiate
-        from graphc.passes.fusions.ops import ensure_functions
+        from graphc.ops import ensure_functions
 
         if any(o.name.startswith(GRAD_PREFIX) for o in model.graph.output):
             return model, False   # already a training graph

@@ -55,7 +55,8 @@ from graphc.ir.node import with_graph
 from graphc.passes.verify import infer_shapes
 
 BF16, FP32 = TensorProto.BFLOAT16, TensorProto.FLOAT
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.DOUBLE}
+CANDIDATE_TYPES = {FP32, BF16}   # values the policy places; float16/float64 ones are left as they are
+_SUFFIX = {FP32: "fp32", BF16: "bf16"}
 KV_INPUT_PREFIXES = ("past.", "past_key_values.")
 KV_OUTPUT_PREFIXES = ("present.",)
 
@@ -197,18 +198,41 @@ def fp32_inside(fn: onnx.FunctionProto, float_inputs: set[int], fp32_outputs: se
 # ----------------------------------------------------------------------------- to_bf16
 @dataclass
 class _Plan:
-    """Phase 1 of the rewrite: the dtype of every float value and each node's compute dtype."""
+    """Phase 1 of the rewrite: the dtype of every float value in the bf16 graph, and the
+    dtype each node input must be read in (a cast goes where the two differ)."""
 
-    dtype: dict[str, int] = field(default_factory=dict)        # float value -> FP32/BF16 in the new graph
-    params: set[str] = field(default_factory=set)               # castable parameters (prefer bf16)
-    consts: set[str] = field(default_factory=set)               # castable constants (no preference)
-    wants: dict[tuple[int, int], int] = field(default_factory=dict)  # (node, input) -> dtype it must read
+    dtype: dict[str, int] = field(default_factory=dict)
+    params: set[str] = field(default_factory=set)     # float32 masters their uses read as bf16
+    consts: set[str] = field(default_factory=set)     # constants: cast to what their use computes in
+    wants: dict[tuple[int, int], int] = field(default_factory=dict)   # (node, input) -> dtype
+
+    def soft(self, value: str) -> bool:
+        """Castable at no loss of meaning: parameters and constants (not computed values)."""
+        return value in self.params or value in self.consts
+
+    def compute_dtype(self, rule: Rule, inputs: list[str]) -> int | None:
+        if rule.kind == ANY:
+            return None
+        if rule.kind in (BF16_OP, KERNEL):
+            return BF16
+        if rule.kind == FOLLOW:
+            hard = {self.dtype[x] for x in inputs if not self.soft(x)}
+            if hard:
+                return FP32 if FP32 in hard else BF16
+            return BF16 if any(x in self.params for x in inputs) else FP32
+        return FP32
+
+    def input_dtype(self, rule: Rule, compute: int, x: str) -> int:
+        if rule.kind == KERNEL:   # the kernel upcasts itself: computed inputs come as they are
+            return BF16 if x in self.params else self.dtype[x]
+        return compute
 
 
-def _plan(model: onnx.ModelProto, params: set[str], master_params: bool) -> _Plan:
+def plan_bf16(model: onnx.ModelProto, params: set[str], master_params: bool) -> _Plan:
+    """Walk the graph in order and decide every float value's dtype (see :data:`RULES`)."""
     g = model.graph
     types = elem_types(model)
-    is_float = lambda v: bool(v) and types.get(v) in FLOAT_TYPES   # noqa: E731
+    is_float = lambda v: bool(v) and types.get(v) in CANDIDATE_TYPES   # noqa: E731
     plan = _Plan()
     for v in g.input:
         if not is_float(v.name):
@@ -218,52 +242,135 @@ def _plan(model: onnx.ModelProto, params: set[str], master_params: bool) -> _Pla
             if master_params:
                 plan.params.add(v.name)
         else:
-            plan.dtype[v.name] = BF16 if is_kv_input(v.name) else FP32
-    input_names = {v.name for v in g.input}
+            plan.dtype[v.name] = BF16 if is_kv_input(v.name) else types[v.name]
+    inputs = {v.name for v in g.input}
     for t in g.initializer:
-        if t.name in input_names or t.data_type not in FLOAT_TYPES:
-            continue
-        plan.dtype[t.name] = FP32
-        (plan.params if t.name in params else plan.consts).add(t.name)
-    soft = lambda v: v in plan.params or v in plan.consts   # noqa: E731
-
+        if t.name not in inputs and is_float(t.name):
+            plan.dtype[t.name] = t.data_type
+            (plan.params if t.name in params else plan.consts).add(t.name)
     for k, n in enumerate(g.node):
-        floats = [(i, x) for i, x in enumerate(n.input) if is_float(x)]
-        r = rule_for(n)
         if n.op_type == "Constant" and not n.domain:
-            for o in n.output:
-                if is_float(o):
-                    plan.dtype[o] = FP32
-                    plan.consts.add(o)
+            plan.consts.update(o for o in n.output if is_float(o))
+            plan.dtype.update({o: types[o] for o in n.output if is_float(o)})
             continue
-        if r.kind == ANY:
-            compute = None
-        elif r.kind in (BF16_OP, KERNEL):
-            compute = BF16
-        elif r.kind == FOLLOW:
-            hard = [plan.dtype[x] for _, x in floats if not soft(x)]
-            if hard:
-                compute = FP32 if FP32 in hard else BF16
-            else:
-                compute = BF16 if any(x in plan.params for _, x in floats) else FP32
-        else:
-            compute = FP32
-        for i, x in floats:
-            if compute is None:
-                continue
-            if r.kind == KERNEL:
-                want = BF16 if x in plan.params else plan.dtype[x]   # computed inputs as they are
-            else:
-                want = compute
-            plan.wants[(k, i)] = want
+        r = rule_for(n)
+        floats = [(i, x) for i, x in enumerate(n.input) if is_float(x)]
+        compute = plan.compute_dtype(r, [x for _, x in floats])
+        if compute is not None:
+            plan.wants.update({(k, i): plan.input_dtype(r, compute, x) for i, x in floats})
         for j, o in enumerate(n.output):
-            if not is_float(o):
-                continue
-            if r.kind in (BF16_OP, KERNEL, FOLLOW):
-                plan.dtype[o] = FP32 if j in r.fp32_outputs else compute
-            else:
-                plan.dtype[o] = types[o]
+            if is_float(o):
+                follows = r.kind in (BF16_OP, KERNEL, FOLLOW)
+                plan.dtype[o] = (FP32 if j in r.fp32_outputs else compute) if follows else types[o]
     return plan
+
+
+class _Rewrite:
+    """Phase 2: emit the bf16 graph a plan describes. One cast per (value, dtype), placed
+    before its first reader; constants are converted rather than cast; initializers all
+    of whose readers want bf16 become bf16 in place (the weights of an exported model)."""
+
+    def __init__(self, model: onnx.ModelProto, plan: _Plan):
+        self.model, self.plan, g = model, plan, model.graph
+        self.fresh = _Names(g)
+        self.outputs = {v.name for v in g.output}
+        produced = {o for n in g.node for o in n.output}
+        # graph outputs: the KV cache bf16, everything else float32 (a cast at the output)
+        self.out_dtype = {v.name: (BF16 if is_kv_output(v.name) else FP32)
+                          for v in g.output if v.name in produced and v.name in plan.dtype}
+        self.out_rename = {o: self.fresh(f"{o}/{_SUFFIX[plan.dtype[o]]}")
+                           for o, dt in self.out_dtype.items() if plan.dtype[o] != dt}
+        self.inits = {t.name: t for t in g.initializer}
+        self.nodes: list[onnx.NodeProto] = []
+        self.new_inits: list[onnx.TensorProto] = []
+        self.casts: dict[tuple[str, int], str] = {}
+        self.n_casts = 0
+
+    def convert_initializers(self) -> None:
+        readers: dict[str, set[int]] = {}
+        for (k, i), want in self.plan.wants.items():
+            x = self.model.graph.node[k].input[i]
+            if x in self.inits:
+                readers.setdefault(x, set()).add(want)
+        for t in self.model.graph.initializer:
+            if readers.get(t.name) == {BF16} and t.name not in self.outputs:
+                t = _to_dtype(t, BF16, t.name)
+                self.plan.dtype[t.name] = BF16
+            self.new_inits.append(t)
+
+    def read(self, x: str, want: int) -> str:
+        """The name under which ``x`` is available in dtype ``want``."""
+        if self.plan.dtype[x] == want:
+            return self.out_rename.get(x, x)
+        if (x, want) not in self.casts:
+            y = self.fresh(f"{x}/{_SUFFIX[want]}")
+            if x in self.inits and x not in self.outputs:
+                self.new_inits.append(_to_dtype(self.inits[x], want, y))
+            else:
+                self.nodes.append(self.fresh.cast(self.out_rename.get(x, x), y, want))
+                self.n_casts += 1
+            self.casts[(x, want)] = y
+        return self.casts[(x, want)]
+
+    def run(self) -> onnx.ModelProto:
+        self.convert_initializers()
+        kernels: dict[tuple[str, str], tuple[set[int], Rule]] = {}
+        for k, n in enumerate(self.model.graph.node):
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            r = rule_for(n)
+            reads = [i for i in range(len(n.input)) if (k, i) in self.plan.wants]
+            for i in reads:
+                m.input[i] = self.read(n.input[i], self.plan.wants[(k, i)])
+            m.output[:] = [self.out_rename.get(o, o) for o in n.output]
+            for a, v in r.attrs:
+                _set_attr(m, a, v)
+            if r.kind == KERNEL:
+                kernels.setdefault((n.domain, n.op_type), (set(reads), r))
+            self.nodes.append(m)
+        for o, y in self.out_rename.items():
+            self.nodes.append(self.fresh.cast(y, o, self.out_dtype[o]))
+            self.n_casts += 1
+        functions = []
+        for fn in self.model.functions:
+            if (fn.domain, fn.name) in kernels:
+                reads, r = kernels[(fn.domain, fn.name)]
+                fn = fp32_inside(fn, reads, set(r.fp32_outputs), r.like)
+            functions.append(fn)
+        out = with_graph(self.model, nodes=self.nodes, initializers=self.new_inits, value_info=[],
+                         functions=functions)
+        for v in out.graph.input:
+            if self.plan.dtype.get(v.name) == BF16:
+                v.type.tensor_type.elem_type = BF16
+        for v in out.graph.output:
+            if v.name in self.out_dtype:
+                v.type.tensor_type.elem_type = self.out_dtype[v.name]
+        return out
+
+
+def _summary(model: onnx.ModelProto, plan: _Plan, rw: _Rewrite, master_params: bool) -> dict:
+    """The pass's report: casts inserted, what computes in bf16, what stayed float32."""
+    bf16_ops = fp32_ops = 0
+    inside: Counter = Counter()
+    for n in model.graph.node:
+        r = rule_for(n)
+        inside[r.fp32_inside] += bool(r.fp32_inside)
+        outs = {plan.dtype[o] for o in n.output if o in plan.dtype}
+        if outs and n.op_type != "Constant" and r.kind != ANY:
+            bf16_ops += BF16 in outs
+            fp32_ops += BF16 not in outs
+    kept = [("loss", sum(o == "loss" for o in rw.out_dtype)),
+            ("grad.*", sum(o.startswith("grad.") for o in rw.out_dtype)),
+            ("logits", sum(o == "logits" for o in rw.out_dtype)),
+            ("master params", len(plan.params) if master_params else 0)]
+    return {
+        "casts": rw.n_casts,
+        "bf16_initializers": sum(t.data_type == BF16 for t in rw.new_inits),
+        "bf16_ops": bf16_ops,
+        "fp32_ops": fp32_ops,
+        "fp32_kept": ", ".join(f"{k} x{c}" if c > 1 else k for k, c in kept if c),
+        "fp32_inside": ", ".join(f"{k} x{c}" for k, c in inside.items() if k),
+    }
 
 
 class PrecisionBF16:
@@ -277,110 +384,13 @@ class PrecisionBF16:
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         model = infer_shapes(model)
-        g = model.graph
         types = elem_types(model)
         params = set(self.params) if self.params is not None else {
-            v.name for v in g.input if types.get(v.name) in FLOAT_TYPES and not is_kv_input(v.name)}
-        plan = _plan(model, params, self.master_params)
-        fresh = _Names(g)
-
-        # graph outputs: KV cache bf16, everything else float32 (cast at the output)
-        produced = {o for n in g.node for o in n.output}
-        out_dtype = {v.name: (BF16 if is_kv_output(v.name) else FP32)
-                     for v in g.output if v.name in produced and plan.dtype.get(v.name) is not None}
-        out_rename = {o: fresh(f"{o}/{'bf16' if plan.dtype[o] == BF16 else 'fp32'}")
-                      for o, dt in out_dtype.items() if plan.dtype[o] != dt}
-
-        init_by_name = {t.name: t for t in g.initializer}
-        # initializers every use of which wants one dtype are converted in place
-        init_uses: dict[str, set[int]] = {}
-        for (k, i), want in plan.wants.items():
-            x = g.node[k].input[i]
-            if x in init_by_name and x in plan.dtype:
-                init_uses.setdefault(x, set()).add(want)
-        outputs = {v.name for v in g.output}
-        in_place = {x: next(iter(w)) for x, w in init_uses.items() if len(w) == 1 and x not in outputs}
-        new_inits = []
-        for t in g.initializer:
-            if in_place.get(t.name) == BF16:
-                new_inits.append(_to_dtype(t, BF16, t.name))
-                plan.dtype[t.name] = BF16
-            else:
-                new_inits.append(t)
-
-        casts: dict[tuple[str, int], str] = {}
-        nodes: list[onnx.NodeProto] = []
-        n_casts = 0
-
-        def read(x: str, want: int) -> str:
-            nonlocal n_casts
-            if plan.dtype[x] == want:
-                return out_rename.get(x, x)
-            if (x, want) not in casts:
-                y = fresh(f"{x}/{'bf16' if want == BF16 else 'fp32'}")
-                if x in init_by_name and x not in outputs:
-                    new_inits.append(_to_dtype(init_by_name[x], want, y))
-                else:
-                    nodes.append(fresh.cast(out_rename.get(x, x), y, want))
-                    n_casts += 1
-                casts[(x, want)] = y
-            return casts[(x, want)]
-
-        kernels: dict[tuple[str, str], tuple[set[int], Rule]] = {}
-        bf16_ops = fp32_ops = 0
-        inside = Counter()
-        for k, n in enumerate(g.node):
-            m = onnx.NodeProto()
-            m.CopyFrom(n)
-            r = rule_for(n)
-            for i, x in enumerate(n.input):
-                if (k, i) in plan.wants:
-                    m.input[i] = read(x, plan.wants[(k, i)])
-            m.output[:] = [out_rename.get(o, o) for o in n.output]
-            for a, v in r.attrs:
-                _set_attr(m, a, v)
-            if r.kind == KERNEL:
-                fl = {i for i in range(len(n.input)) if (k, i) in plan.wants}
-                kernels.setdefault((n.domain, n.op_type), (fl, r))
-            if r.fp32_inside:
-                inside[r.fp32_inside] += 1
-            outs = [plan.dtype[o] for o in n.output if o in plan.dtype]
-            if outs and n.op_type != "Constant":
-                bf16_ops += BF16 in outs
-                fp32_ops += BF16 not in outs and r.kind != ANY
-            nodes.append(m)
-        for o, y in out_rename.items():
-            nodes.append(fresh.cast(y, o, out_dtype[o]))
-            n_casts += 1
-
-        functions = []
-        for fn in model.functions:
-            if (fn.domain, fn.name) in kernels:
-                fl, r = kernels[(fn.domain, fn.name)]
-                fn = fp32_inside(fn, fl, set(r.fp32_outputs), r.like)
-            functions.append(fn)
-
-        out = with_graph(model, nodes=nodes, initializers=new_inits, value_info=[], functions=functions)
-        for v in out.graph.input:
-            if plan.dtype.get(v.name) == BF16:
-                v.type.tensor_type.elem_type = BF16
-        for v in out.graph.output:
-            if v.name in out_dtype:
-                v.type.tensor_type.elem_type = out_dtype[v.name]
-
-        fp32_kept = [f"{name} x{c}" if c > 1 else name for name, c in (
-            ("loss", sum(o == "loss" for o in out_dtype)),
-            ("grad.*", sum(o.startswith("grad.") for o in out_dtype)),
-            ("logits", sum(o == "logits" for o in out_dtype)),
-            ("master params", len(plan.params) if self.master_params else 0)) if c]
-        self.stats = {
-            "casts": n_casts,
-            "bf16_initializers": sum(1 for t in new_inits if t.data_type == BF16),
-            "bf16_ops": bf16_ops,
-            "fp32_ops": fp32_ops,
-            "fp32_kept": ", ".join(fp32_kept),
-            "fp32_inside": ", ".join(f"{k} x{v}" for k, v in inside.items()),
-        }
+            v.name for v in model.graph.input if types.get(v.name) == FP32 and not is_kv_input(v.name)}
+        plan = plan_bf16(model, params, self.master_params)
+        rewrite = _Rewrite(model, plan)
+        out = rewrite.run()
+        self.stats = _summary(model, plan, rewrite, self.master_params)
         return out, True
 
 
@@ -428,7 +438,7 @@ class EmulateBF16:
 
         rename: dict[str, str] = {}
         for v in g.input:
-            if types.get(v.name) == BF16:
+            if types.get(v.name) == BF16 and not is_kv_input(v.name):
                 rename[v.name] = fresh(f"{v.name}/rounded")
                 rounding(v.name, rename[v.name])
         for n in g.node:
@@ -465,5 +475,11 @@ class EmulateBF16:
 def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` (a bf16 graph from :func:`to_bf16`) in float32, every value it holds in
     bf16 rounded to bf16 exactly there (``Cast`` to BFLOAT16 and back): runnable on
-    onnxruntime's CPU, and the numeric reference for bf16 kernels."""
+    onnxruntime's CPU, and the numeric reference for bf16 kernels.
+
+    bf16 graph inputs are rounded on entry (float32 parameters fed to an inference graph),
+    except the KV caches ``past.*``: they hold what the previous step's ``present.*``
+    outputs wrote, already bf16-exact, and feeding them straight to ``TensorScatter``
+    keeps its in-place cache update (a rounded copy would copy the whole cache per step).
+    """
     return EmulateBF16()(model)[0]

@@ -114,6 +114,18 @@ class Decoder(abc.ABC):
     def free(self) -> int:
         return self.spec.slots - len(self.live)
 
+    def admit(self, n: int) -> int:
+        """The free slot (lowest first) for a prompt of ``n`` tokens; one-line errors when the
+        prompt does not fit the cache (with room for one new token) or every slot is busy."""
+        if not 1 <= n < self.spec.capacity:
+            raise GraphcError(None, f"prompt of {n} tokens does not fit a cache of {self.spec.capacity} "
+                              "positions (it needs room for at least one new token)", "prompt")
+        used = set(self.live)
+        slot = next((s for s in range(self.spec.slots) if s not in used), None)
+        if slot is None:
+            raise GraphcError(None, f"all {self.spec.slots} slots are busy", "slots")
+        return slot
+
     def length(self, slot: int) -> int:
         """Tokens in the slot's cache so far (prompt + generated tokens already fed back)."""
         raise NotImplementedError
@@ -170,12 +182,7 @@ class GraphDecoder(Decoder):
     # ------------------------------------------------------------------ program
     def add(self, prompt: list[int], sampler: Sampler, *, logprobs: int | None = None) -> tuple[int, Sampled]:
         n = len(prompt)
-        if not 1 <= n < self.spec.capacity:
-            raise GraphcError(None, f"prompt of {n} tokens does not fit a cache of {self.spec.capacity} "
-                              "positions (it needs room for at least one new token)", "prompt")
-        slot = next((s for s in range(self.spec.slots) if s not in self.seqs), None)
-        if slot is None:
-            raise GraphcError(None, f"all {self.spec.slots} slots are busy", "slots")
+        slot = self.admit(n)
         past, present = self._cache_rows(slot, slot + 1)
         logits = self.prefill.run({"tokens": np.asarray([prompt], dtype=np.int64),
                                    "lengths": np.asarray([n], dtype=np.int64), **past}, outputs=present)["logits"]

@@ -22,7 +22,7 @@ from graphc.models.gpt2 import build_forward
 from graphc.models.init import random_init
 from graphc.models.params import LLMC_ORDER, param_specs
 from graphc.passes.autodiff import differentiate, grad_name
-from graphc.passes.fusions.ops import count_fused
+from graphc.ops import count_fused
 from graphc.runtime.programs import training_graph
 from helpers import random_batch, rel_err
 from torch_gpt2 import TorchGPT2

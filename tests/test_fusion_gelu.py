@@ -24,7 +24,7 @@ def test_gpt2_gelus_fuse_and_match_onnxruntime():
     assert ops["Gelu"] == 2 and "Tanh" not in ops
     gelu = next(n for n in fused.graph.node if n.op_type == "Gelu")
     assert gelu.attribute[0].s == b"tanh"
-    # bias + GELU stays Gemm(bias) -> Gelu (see ops.py): the Gelu reads the Gemm
+    # bias + GELU stays Gemm(bias) -> Gelu (see graphc/ops/gelu.py): the Gelu reads the Gemm
     producer = next(n for n in fused.graph.node if gelu.input[0] in n.output)
     assert producer.op_type == "Gemm" and len(producer.input) == 3
     errs = relative_errors(model, fused, random_feeds(model, {"B": 2, "T": 16}, int_high=SMALL.vocab_size))

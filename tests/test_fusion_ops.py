@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper
 
 from graphc import OPSET
-from graphc.passes.fusions.ops import FUSED_KEYS, count_fused, ensure_functions, make_node
+from graphc.ops import FUSED_KEYS, count_fused, ensure_functions, make_node
 from helpers import rel_err
 
 F = TensorProto.FLOAT

@@ -7,7 +7,7 @@ from graphc.ir.builder import GraphBuilder
 from graphc.models.config import GPT2Config
 from graphc.models.gpt2 import build_forward
 from graphc.passes.dce import DeadCodeElimination
-from graphc.passes.fusions.ops import ensure_functions, make_node
+from graphc.ops import ensure_functions, make_node
 from graphc.passes.manager import run_passes
 from graphc.compare import random_feeds, relative_errors
 

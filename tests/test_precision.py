@@ -133,7 +133,7 @@ def test_no_bf16_statistics_softmax_or_loss(train_bf16):
 
 
 def test_inference_graph_has_bf16_parameters():
-    model, _ = optimize(build_forward(SMALL, loss=False, logits=True), "infer", precision="bf16", backend="tensorrt")
+    model, _ = optimize(build_forward(SMALL, loss=False, logits=True), "infer", precision="bf16", emulate=False)
     t = types_of(model)
     assert all(t[s.name] == BF16 for s in param_specs(SMALL))
     assert t["logits"] == FP32
@@ -141,13 +141,53 @@ def test_inference_graph_has_bf16_parameters():
 
 
 def test_kv_cache_in_bf16():
-    model, report = optimize(build_decode(SMALL), "infer", precision="bf16", backend="tensorrt")
+    model, report = optimize(build_decode(SMALL), "infer", precision="bf16", emulate=False)
     t = types_of(model)
     caches = [v.name for v in model.graph.input if v.name.startswith("past.")]
     assert caches and all(t[c] == BF16 for c in caches)
     assert all(t[v.name] == BF16 for v in model.graph.output if v.name.startswith("present."))
     assert t["logits"] == FP32
     assert report.passes[-1].name == "precision_bf16"
+
+
+def test_unfused_graphs_are_safe():
+    """The unfused training graph (``--no-opt``) and the KV-cache decode step also rewrite
+    cleanly: ops the policy does not list (Softmax, ReduceMean, Sqrt, ...) compute in
+    float32, and the emulation stays within bf16 rounding of float32."""
+    from graphc.passes.autodiff import differentiate
+    from graphc.passes.verify import verify
+
+    params = perturbed_params(SMALL, 0)
+    plain = differentiate(build_forward(SMALL, loss=True, logits=False), "loss", params.names(), keep_outputs=False)
+    bf16 = verify(to_bf16(plain), "precision_bf16")
+    t = types_of(bf16)
+    fp32_ops = [n for n in bf16.graph.node if n.op_type in ("Softmax", "LogSoftmax", "ReduceMean", "Sqrt", "Tanh")]
+    assert len(fp32_ops) > 10 and all(t[n.input[0]] == FP32 and t[n.output[0]] == FP32 for n in fp32_ops)
+    assert all(t[n.output[0]] == BF16 for n in bf16.graph.node if n.op_type in ("Gemm", "MatMul"))
+    tokens, targets = random_batch(SMALL, 2, 16)
+    feeds = dict(params.feeds(), tokens=tokens, targets=targets)
+    ref, em = run_onnxruntime(plain, feeds), run_onnxruntime(emulate_bf16(bf16), feeds)
+    assert all(U_BF16 / 4 < rel_err(em[k], ref[k]) < 4 * U_BF16 for k in ref if k != "loss")
+
+    decode, _ = optimize(build_decode(SMALL), "infer", precision="bf16")        # emulated
+    cache = np.zeros((2, SMALL.n_head, 8, SMALL.head_dim), np.float32)
+    feeds = {v.name: cache for v in decode.graph.input if v.name.startswith("past.")}
+    feeds.update(params.feeds(), tokens=tokens[:, :1], past_len=np.zeros(2, np.int64))
+    ref, em = run_onnxruntime(optimize(build_decode(SMALL), "infer")[0], feeds), run_onnxruntime(decode, feeds)
+    assert U_BF16 / 4 < rel_err(em["logits"], ref["logits"]) < 4 * U_BF16
+    assert np.array_equal(em["present.0.key"].astype(ml_dtypes.bfloat16).astype(np.float32), em["present.0.key"])
+    # the caches reach TensorScatter unrounded (bf16-exact already): its update stays in place
+    scatters = [n for n in decode.graph.node if n.op_type == "TensorScatter"]
+    assert scatters and all(n.input[0].startswith("past.") and "/" not in n.input[0] for n in scatters)
+
+
+def test_bf16_adds_no_tensorrt_violation(train32, train_bf16):
+    """TensorRT parses the bf16 training graph as well as the fp32 one (kernels inlined, as
+    TensorRT inlines local functions): the pass adds only Cast/CastLike, which it supports."""
+    from trt_ops import violations
+
+    plain = set(violations(onnx.inliner.inline_local_functions(train32)))
+    assert set(violations(onnx.inliner.inline_local_functions(train_bf16))) <= plain
 
 
 # ----------------------------------------------------------------------------- emulation

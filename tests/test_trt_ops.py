@@ -53,7 +53,7 @@ def test_optimised_forward_graphs_are_trt_compatible():
 def test_training_graphs_report_only_the_embedding_scatter_add(opt):
     """The checker walks training graphs without crashing on the fused backward functions'
     ``ref_attr_name`` attributes, and finds exactly one problem: wte's gradient."""
-    from graphc.passes.fusions.ops import count_fused
+    from graphc.ops import count_fused
     from graphc.runtime.programs import training_graph
 
     model = training_graph(SMALL, opt=opt)

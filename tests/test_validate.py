@@ -192,7 +192,7 @@ def test_unpadded_wte_gradient_is_named(capsys, files, tmp_path):
 def test_validate_checks_the_optimised_training_graph(files, monkeypatch):
     """By default the gradients come from the fused training graph ``graphc train`` runs."""
     import graphc.runtime.validate as validate_mod
-    from graphc.passes.fusions.ops import count_fused
+    from graphc.ops import count_fused
 
     d, params, _ = files
     state = read_debug_state(d / "state.bin", params.cfg)

@@ -14,6 +14,7 @@ REGISTRY = {
     "onnxruntime": "graphc.backends.onnxruntime:OnnxRuntimeBackend",
     "reference": "graphc.backends.reference:ReferenceBackend",   # float64 numpy interpreter
     "tensorrt": "graphc.backends.tensorrt:TensorRTBackend",
+    "cuda": "graphc.backends.cuda:CudaBackend",
 }
 
 

@@ -21,10 +21,9 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=sorted(REGISTRY),
                    help="execution backend (default onnxruntime, CPU)")
     p.add_argument("--no-opt", action="store_true", help="run the unoptimised graphs (no fusion passes)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="fp32, or bf16 mixed precision (BF16 compute, FP32 master weights, Adam state, "
-                        "layer-norm statistics, softmax and loss); on onnxruntime bf16 is an exact emulation "
-                        "in FP32 with values rounded to bf16 where the BF16 graph holds them (default fp32)")
+    add_precision_arg(p, "bf16 mixed precision: BF16 compute, FP32 master weights, Adam state, "
+                         "layer-norm statistics, softmax and loss; on onnxruntime bf16 is an exact emulation "
+                         "in FP32 with values rounded to bf16 where the BF16 graph holds them")
 
 
 def add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from graphc.cli.common import add_model_args, positive
+from graphc.cli.common import add_model_args, add_precision_arg, positive
 from graphc.errors import GraphcError
 
 HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, streaming, continuous batching)"
@@ -20,7 +20,7 @@ def add_arguments(p):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--backend", default="onnxruntime", choices=sorted(REGISTRY), help="execution backend")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="compute precision (default fp32)")
+    add_precision_arg(p)
     p.add_argument("--max-batch", type=positive("--max-batch"), default=32,
                    help="sequences decoded together at most (KV-cache slots; default 32)")
     p.add_argument("--max-queue", type=positive("--max-queue"), default=256,

@@ -1,9 +1,10 @@
-"""Node helpers shared by passes: attribute access and subgraph reads."""
+"""Node helpers shared by passes: attribute access, constant values and subgraph reads."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -18,6 +19,25 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 def attrs(node: onnx.NodeProto) -> dict:
     """Every attribute of ``node`` by name (raw values, as onnx.helper returns them)."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node as a numpy array; None for a sparse or string value
+    or one that refers to a function attribute (``ref_attr_name``, inside function bodies)."""
+    for a in node.attribute:
+        if a.ref_attr_name:
+            continue
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), np.int64)
+    return None
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:

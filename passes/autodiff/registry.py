@@ -15,6 +15,12 @@ A rule has the signature ``rule(ctx, node, grads) -> list[str | None]``:
 
 and returns one gradient per node input (``None`` for inputs that need none or are not
 differentiable, such as indices and shapes).
+
+One rule per op: a second registration for the same ``(domain, op_type)`` raises, so no
+import order decides which rule wins. graphc's fused ops (Attention, LayerNormalization,
+Gelu, graphc.CrossEntropy) bring their rules from their definitions in :mod:`graphc.ops`;
+those rules choose between the fused backward op and the primitive decomposition
+themselves.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import onnx
+
+from graphc.ir.table import add_unique
 
 
 class Rule(Protocol):
@@ -36,7 +44,7 @@ def vjp(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
 
     def register(rule: Rule) -> Rule:
         for op_type in op_types:
-            VJP[(domain, op_type)] = rule
+            add_unique(VJP, (domain, op_type), rule, "a VJP rule")
         return rule
 
     return register

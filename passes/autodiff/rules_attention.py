@@ -1,5 +1,9 @@
 """VJP rule of the standard Attention op (opset 23), decomposed into primitive ops.
 
+Not registered by itself: Attention's one rule is that of its definition in
+``graphc/ops/attention.py``, which emits ``graphc.AttentionGrad`` where it applies and calls
+this rule for every other form.
+
 Supported: 4-D Q [B, H, Tq, D], K [B, H, Tk, D], V [B, H, Tk, Dv] with as many K/V heads
 as Q heads, no attention mask, no past key/value, no softcap; ``is_causal`` (top-left
 aligned when there is no cache: query i sees keys j <= i) and ``scale`` (default
@@ -22,14 +26,11 @@ import math
 
 import numpy as np
 
-from graphc.passes.autodiff.registry import vjp
-
 
 def _unsupported(node, what):
     return NotImplementedError(f"Attention node {node.name!r}: gradient with {what} is not supported")
 
 
-@vjp("Attention")
 def attention(ctx, node, grads):
     q, k, v = node.input[:3]
     if any(i for i in node.input[3:]):

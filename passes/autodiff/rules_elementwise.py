@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from graphc.ops.gelu import GELU_A, GELU_S
 from graphc.passes.autodiff.registry import vjp
 
 
@@ -183,13 +184,10 @@ def abs_(ctx, node, grads):
     return [ctx.b.Mul(grads[0], ctx.b.Sign(node.input[0]))]
 
 
-GELU_K = math.sqrt(2.0 / math.pi)
-GELU_C = 0.044715
-
-
-@vjp("Gelu")
 def gelu(ctx, node, grads):
-    """Gelu, both forms.
+    """Gelu, both forms, in primitive ops (not registered: Gelu's rule is that of its
+    definition in graphc/ops/gelu.py, which calls this one for the forms GeluGrad does not
+    cover).
 
     ``approximate="none"``: y = x Phi(x), dy/dx = Phi(x) + x phi(x) with
     Phi(x) = (1 + erf(x / sqrt 2)) / 2 and phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
@@ -203,9 +201,9 @@ def gelu(ctx, node, grads):
     s = lambda v: ctx.scalar(v, x)  # noqa: E731
     x2 = B.Mul(x, x)
     if ctx.attr(node, "approximate", "none") == "tanh":
-        u = B.Mul(x, B.Add(s(GELU_K), B.Mul(x2, s(GELU_K * GELU_C))))        # k (x + c x^3)
+        u = B.Mul(x, B.Add(s(GELU_S), B.Mul(x2, s(GELU_S * GELU_A))))        # k (x + c x^3)
         t = B.Tanh(u)
-        du = B.Add(s(GELU_K), B.Mul(x2, s(3.0 * GELU_K * GELU_C)))            # k (1 + 3 c x^2)
+        du = B.Add(s(GELU_S), B.Mul(x2, s(3.0 * GELU_S * GELU_A)))            # k (1 + 3 c x^2)
         half_x = B.Mul(x, s(0.5))
         d = B.Add(B.Mul(B.Add(t, s(1.0)), s(0.5)),
                   B.Mul(B.Mul(half_x, B.Sub(s(1.0), B.Mul(t, t))), du))

@@ -1,5 +1,9 @@
 """VJP rule of LayerNormalization (opset 17: inputs X, Scale, optional B; output Y).
 
+Not registered by itself: the op's one rule is that of its definition in
+``graphc/ops/layernorm.py``, which emits ``graphc.LayerNormGrad`` where it applies and calls
+this rule for every other form.
+
 With xhat = (x - mean) * rstd over the normalized axes [axis, rank) and
 y = xhat * scale + bias:
 
@@ -15,8 +19,6 @@ float32, they are recomputed in the input's dtype so the gradient keeps full pre
 from __future__ import annotations
 
 from onnx import TensorProto
-
-from graphc.passes.autodiff.registry import vjp
 
 
 def _stats(ctx, node, x, axes):
@@ -38,7 +40,6 @@ def _stats(ctx, node, x, axes):
     return mean, rstd
 
 
-@vjp("LayerNormalization")
 def layer_norm(ctx, node, grads):
     if any(g is not None for g in grads[1:]):
         raise NotImplementedError(f"LayerNormalization node {node.name!r}: gradients through its Mean/InvStdDev "

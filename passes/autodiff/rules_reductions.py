@@ -42,7 +42,7 @@ def _count(ctx, node):
     x, y = node.input[0], node.output[0]
     xs, ys = ctx.shape(x), ctx.shape(y)
     if xs is not None and ys is not None:
-        from graphc.passes.autodiff.driver import dim_div, dim_prod
+        from graphc.ir.shapes import dim_div, dim_prod
 
         n = dim_div(dim_prod(xs), dim_prod(ys))
         if isinstance(n, int):

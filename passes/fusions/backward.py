@@ -34,7 +34,9 @@ import hashlib
 import onnx
 from onnx import numpy_helper
 
-from graphc.passes.fusions.ops import count_fused, ensure_functions
+from graphc.ir.node import constant_value
+
+from graphc.ops import count_fused, ensure_functions
 
 GRAD_PREFIX = "grad."
 
@@ -62,9 +64,7 @@ def structural_hashes(graph: onnx.GraphProto) -> dict[str, bytes]:
             h[t.name] = const_digest(numpy_helper.to_array(t))
     for n in graph.node:
         if n.op_type == "Constant" and not n.domain:
-            from graphc.passes.fusions.pattern import constant_node_value
-
-            arr = constant_node_value(n) if len(n.attribute) == 1 else None
+            arr = constant_value(n) if len(n.attribute) == 1 else None
             if arr is not None:
                 h[n.output[0]] = const_digest(arr)
                 continue
@@ -110,7 +110,6 @@ class FuseBackward:
         return model, False
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-        import graphc.passes.autodiff.rules_fused  # noqa: F401 - fused VJPs win over the primitive ones
         from graphc.passes.autodiff import differentiate
         from graphc.passes.dce import DeadCodeElimination
         from graphc.passes.fusions.attention import fuse_attention

@@ -8,13 +8,13 @@ Math, logits z [N, V] (any rank, classes on the last axis), targets t [N, 1] int
                                                      # (or ReduceMean(Neg(picked)))
       ==> graphc.CrossEntropy(z, t)                  # local function, body = the above
 
-TensorRT has no SoftmaxCrossEntropyLoss, hence a graphc function (see ``ops.py``); its
+TensorRT has no SoftmaxCrossEntropyLoss, hence a graphc function (see ``graphc/ops/cross_entropy.py``); its
 gradient ``graphc.CrossEntropyGrad`` is (softmax(z) - onehot(t)) * dloss / N.
 """
 
 from __future__ import annotations
 
-from graphc.passes.fusions import ops
+from graphc.ops import make_node
 from graphc.passes.fusions.pattern import (
     Fusion, FusionPass, GraphIndex, Match, Rewrite, attr, expect, last_axis, reduce_axes,
 )
@@ -53,7 +53,7 @@ class CrossEntropyFusion(Fusion):
         return m
 
     def rewrite(self, m: Match) -> Rewrite:
-        node = ops.make_node("CrossEntropy", [m.values["z"], m.values["t"]], [m.root_node.output[0]])
+        node = make_node("CrossEntropy", [m.values["z"], m.values["t"]], [m.root_node.output[0]])
         return Rewrite([node])
 
 

@@ -16,23 +16,18 @@ multiset of factors instead of one fixed tree:
   ``Pow(x, 3)``), all the same x as in the root product.
 
 Constants must agree to a relative 1e-5 (a different constant is a different function).
-Bias + GELU is left as Gemm(bias) + Gelu on purpose; see ``ops.py``.
+Bias + GELU is left as Gemm(bias) + Gelu on purpose; see ``graphc/ops/gelu.py``.
 """
 
 from __future__ import annotations
 
-import math
-
 from onnx import helper
 
+from graphc.ops.gelu import GELU_A as A, GELU_S as S
 from graphc.passes.fusions.pattern import (
     Fusion, FusionPass, GraphIndex, Match, NoMatch, Rewrite, close, commuted, expect, flatten_product,
     split_constants,
 )
-
-A = 0.044715
-S = math.sqrt(2.0 / math.pi)
-
 
 class GeluTanhFusion(Fusion):
     name = "gelu"

@@ -30,9 +30,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from graphc.ir.node import attr  # noqa: F401 - the fusion passes import it from here
+from graphc.ir.node import constant_value
+from graphc.ir.shapes import Shapes
 
 
 class NoMatch(Exception):
@@ -49,8 +51,10 @@ class GraphIndex:
     """Who produces and who consumes every value of a graph, plus constants and shapes.
 
     Nodes are referred to by their position in ``graph.node`` (protobuf messages are not
-    hashable). Shapes come from the graph's ``value_info`` (the pass manager refreshes
-    shape inference after every pass).
+    hashable). Dtypes come from the graph's ``value_info`` (the pass manager refreshes
+    shape inference after every pass); shapes from the symbolic shape engine
+    (:mod:`graphc.ir.shapes`, the one autodiff and the memory planner use), with those
+    types merged in.
     """
 
     def __init__(self, model: onnx.ModelProto):
@@ -75,6 +79,7 @@ class GraphIndex:
             if v.type.HasField("tensor_type"):
                 self.types[v.name] = v.type
         self._const_cache: dict[str, np.ndarray | None] = {}
+        self._shapes: Shapes | None = None
 
     # -- structure
     def node_of(self, value: str) -> onnx.NodeProto | None:
@@ -99,7 +104,7 @@ class GraphIndex:
         else:
             n = self.node_of(value)
             if n is not None and n.op_type == "Constant" and not n.domain and len(n.attribute) == 1:
-                arr = constant_node_value(n)
+                arr = constant_value(n)
         self._const_cache[value] = arr
         return arr
 
@@ -124,43 +129,17 @@ class GraphIndex:
             return init.data_type if init is not None else None
         return t.tensor_type.elem_type or None
 
-    def shape(self, value: str) -> list[int | str | None] | None:
-        """Dims as ints (static), strings (symbolic) or None (unknown); None if rank unknown."""
-        if value in self.initializers:
-            return list(self.initializers[value].dims)
-        t = self.types.get(value)
-        if t is None or not t.tensor_type.HasField("shape"):
-            return None
-        dims = []
-        for d in t.tensor_type.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        return dims
+    def shape(self, value: str) -> list | None:
+        """Dims as ints (static) or :class:`~graphc.ir.shapes.Sym` (symbolic: equal only
+        when provably equal); None if the rank is unknown."""
+        if self._shapes is None:
+            self._shapes = Shapes.of_model(self.model, fallback=self.types)
+        dims = self._shapes.shape.get(value)
+        return None if dims is None else list(dims)
 
     def rank(self, value: str) -> int | None:
         s = self.shape(value)
         return None if s is None else len(s)
-
-
-def constant_node_value(n: onnx.NodeProto) -> np.ndarray | None:
-    a = n.attribute[0]
-    if a.ref_attr_name:
-        return None
-    if a.name == "value":
-        return numpy_helper.to_array(a.t)
-    if a.name == "value_float":
-        return np.array(a.f, dtype=np.float32)
-    if a.name == "value_floats":
-        return np.array(list(a.floats), dtype=np.float32)
-    if a.name == "value_int":
-        return np.array(a.i, dtype=np.int64)
-    if a.name == "value_ints":
-        return np.array(list(a.ints), dtype=np.int64)
-    return None
 
 
 def close(value: float | None, target: float, rtol: float = 1e-5) -> bool:
@@ -384,7 +363,7 @@ def apply_rewrites(model: onnx.ModelProto, idx: GraphIndex, rewrites: list[tuple
     reads only the pattern's inputs (defined before any pattern node), so the order stays
     topological.
     """
-    from graphc.passes.fusions.ops import ensure_functions
+    from graphc.ops import ensure_functions
 
     removed: set[int] = set()
     at_root: dict[int, list[onnx.NodeProto]] = {}
