@@ -59,16 +59,23 @@ def _config(tensors: dict[str, np.ndarray], cfg_path: Path | None, where) -> GPT
     eps = 1e-5
     if cfg_path is not None:
         try:
-            meta = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            meta = json.loads(cfg_path.read_bytes().decode("utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GraphcError(cfg_path, f"unreadable config ({e.__class__.__name__})") from None
-        L = int(meta.get("n_layer", L))
-        H = int(meta.get("n_head", H))
-        if int(meta.get("n_embd", C)) != C:
+        if not isinstance(meta, dict):
+            raise GraphcError(cfg_path, f"is a JSON {type(meta).__name__}, expected an object")
+        L = _number(meta, "n_layer", L, int, cfg_path)
+        H = _number(meta, "n_head", H, int, cfg_path)
+        if _number(meta, "n_embd", C, int, cfg_path) != C:
             raise GraphcError(cfg_path, f"n_embd {meta['n_embd']} does not match wte.weight's {C}", "n_embd")
-        if int(meta.get("vocab_size", V)) != V:
+        if _number(meta, "vocab_size", V, int, cfg_path) != V:
             raise GraphcError(cfg_path, f"vocab_size {meta['vocab_size']} does not match wte.weight's {V}", "vocab_size")
-        eps = float(meta.get("layer_norm_epsilon", eps))
+        eps = _number(meta, "layer_norm_epsilon", eps, float, cfg_path)
+        for key, value in (("n_layer", L), ("n_head", H), ("layer_norm_epsilon", eps)):
+            if value <= 0:
+                raise GraphcError(cfg_path, f"must be positive, got {value}", key)
+        if C % H:
+            raise GraphcError(cfg_path, f"n_embd {C} is not divisible by n_head {H}", "n_head")
         if meta.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise GraphcError(cfg_path, f"activation {meta['activation_function']!r} is not GPT-2's tanh GELU",
                               "activation_function")
@@ -76,6 +83,17 @@ def _config(tensors: dict[str, np.ndarray], cfg_path: Path | None, where) -> GPT
         raise GraphcError(where, "no transformer layers (h.0.*) found", "h.0")
     return GPT2Config(n_layer=L, n_head=H, n_embd=C, vocab_size=V, padded_vocab_size=padded(V), max_seq_len=maxT,
                       ln_eps=eps)
+
+
+def _number(meta: dict, key: str, default, kind, where):
+    """``meta[key]`` as an int (or float), or a one-line error naming the field: ``"n_head": "four"``."""
+    value = meta.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        raise GraphcError(where, f"must be {'an integer' if kind is int else 'a number'}, got {json.dumps(value)}", key)
+    return kind(value)
 
 
 def load_hf(path: str | os.PathLike) -> Params:

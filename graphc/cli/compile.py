@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from graphc.cli.common import check_seq_len, positive
+from graphc.outputs import check_output_dir
 
 HELP = "optimise the GPT-2 training or inference graph and report every pass and the memory plan"
 
@@ -100,6 +101,8 @@ def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dump is not None:
+        check_output_dir(args.dump, "--dump")
     cfg = model_config(args.model)
     check_seq_len(cfg, args.T)
     result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump)

@@ -13,6 +13,7 @@ import argparse
 from graphc import OPSET
 from graphc.cli.common import add_model_args
 from graphc.errors import GraphcError
+from graphc.outputs import check_output_dir, check_output_file
 
 HELP = "export a GPT-2 as ONNX (plain or decoder-with-past KV cache), or its weights as HF safetensors"
 
@@ -38,7 +39,16 @@ def run(args: argparse.Namespace) -> int:
     if args.weights_only is not None and (args.kv_cache or args.opset != OPSET):
         raise GraphcError(None, "--kv-cache and --opset apply to --out (an ONNX model), not to --weights-only",
                           "--weights-only")
+    if args.weights_only is not None:
+        check_output_dir(args.weights_only, "--weights-only")
+    else:
+        check_output_file(args.out, "--out")
     params = load_model(args.model, args.seed)
+    needed = 4 * params.flat.size + (1 << 20)
+    if args.weights_only is not None:
+        check_output_dir(args.weights_only, "--weights-only", needed)
+    else:
+        check_output_file(args.out, "--out", needed)
     if args.weights_only is not None:
         written = export_weights(params, args.weights_only)
     else:

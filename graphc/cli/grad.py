@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from graphc.errors import GraphcError
 from graphc.fileio import atomic_write
+from graphc.outputs import check_output_file
 
 HELP = "append the backward pass to an ONNX model: outputs the loss and grad.<name> for each --wrt"
 
@@ -101,6 +102,7 @@ def _externalize(t: onnx.TensorProto, f, location: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from graphc.passes.autodiff import differentiate
 
+    check_output_file(args.out, "--out")
     model = load_model(args.model)
     wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
     if not wrt:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from graphc.cli.common import int_at_least
+from graphc.outputs import check_output_dir
+
 from graphc.data.prepare import DEFAULT_VAL_TOKENS, find_tinyshakespeare, prepare_tinyshakespeare
 
 HELP = "tokenize Tiny Shakespeare into llm.c-format train/val token shards (as llm.c's tinyshakespeare.py)"
@@ -22,11 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory with OpenAI's vocab.bpe and encoder.json (default: $GRAPHC_TOKENIZER_DIR, else tiktoken's gpt2)",
     )
     parser.add_argument(
-        "--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, metavar="N", help="first N tokens form the validation split (default: %(default)s)"
+        "--val-tokens", type=int_at_least("--val-tokens", 1), default=DEFAULT_VAL_TOKENS, metavar="N", help="first N tokens form the validation split (default: %(default)s)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     input_path = args.input if args.input is not None else find_tinyshakespeare()
     result = prepare_tinyshakespeare(input_path, args.out, tokenizer_dir=args.tokenizer_dir, val_tokens=args.val_tokens)
     print(f"wrote {result.val_tokens} val tokens to {result.val_path}")
