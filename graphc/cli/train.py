@@ -105,6 +105,8 @@ def check_outputs(args) -> None:
             raise GraphcError(None, "needs --out DIR holding the run to continue", "--resume")
         return
     check_output_dir(args.out, "--out")
+    if args.resume:
+        checkpoint.load(Path(args.out))  # a damaged checkpoint is reported before any graph is built
     if not args.resume and not args.overwrite and checkpoint.holds_run(args.out):
         raise GraphcError(args.out, "holds a training run already; continue it with --resume, or use a new "
                           "directory (or --overwrite to replace it)", "--out")
