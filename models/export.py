@@ -91,6 +91,35 @@ def kv_cache_model(params: Params) -> onnx.ModelProto:
     return build_decoder_with_past(params.cfg, name="gpt2_with_past")
 
 
+FUSION_OPSET = {"fuse_layernorm": 17, "fuse_gelu": 20, "fuse_attention": 23}
+"""Each export fusion and the opset that made its op standard: LayerNormalization (17),
+Gelu with ``approximate="tanh"`` (20), Attention (23). Below that opset the pattern stays
+in primitive ops."""
+
+
+def fuse_for_export(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The inference pipeline (``passes/pipelines.py``), without fusions ``opset`` cannot express.
+
+    Consumers find the standard ops: onnxruntime's graph optimizer and its transformer
+    fusions run on LayerNormalization/Gelu/Attention nodes, and TensorRT maps them to its
+    own fused layers, where the primitive form would leave them nothing to recognise.
+    """
+    from graphc.passes.manager import PassManager
+    from graphc.passes.pipelines import PIPELINES, make_passes
+
+    names = [n for n in PIPELINES["infer"] if FUSION_OPSET.get(n, 0) <= opset]
+    fused, _ = PassManager(make_passes(names), name=f"export (opset {opset})").run(model)
+    return fused
+
+
+def ir_version_for(opset: int) -> int:
+    """The IR version released with ``opset`` (onnx's table): 8 for 18, 10 for 21, 12 for 24.
+
+    Runtimes refuse IR versions newer than they know, so an ``--opset 18`` export for an
+    older onnxruntime must not carry the newest IR."""
+    return onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)], ignore_unknown=True)
+
+
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """``model`` at ``opset`` (graphc builds at :data:`graphc.OPSET`), or a one-line error."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -167,15 +196,24 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *,
 
 
 def export_onnx(params: Params, out: str | os.PathLike, *, kv_cache: bool = False, opset: int = OPSET,
-                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
-    """Build, convert to ``opset``, bind the weights and save: the whole ``graphc export``."""
+                primitive_ops: bool = False, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """Build, fuse (unless ``primitive_ops``), convert to ``opset``, bind the weights and save:
+    the whole ``graphc export``."""
+    from graphc import __version__
+
     out = Path(out)
     if out.is_dir():
         raise GraphcError(out, "is a directory; --out needs a file name such as model.onnx", "--out")
+    if not MIN_OPSET < opset <= MAX_OPSET:
+        raise GraphcError(None, f"opset {opset} is not supported; use {MIN_OPSET + 1}..{MAX_OPSET}", "--opset")
     model = kv_cache_model(params) if kv_cache else plain_model(params)
+    if not primitive_ops:
+        model = fuse_for_export(model, opset)
     model = convert_opset(model, opset)  # before binding: the converter serialises the whole model
     model = bind(model, params)
+    model.ir_version = ir_version_for(opset)
     model.producer_name = "graphc"
+    model.producer_version = __version__
     model.doc_string = (f"GPT-2 ({params.cfg.describe()}) exported by graphc"
                         + (", decoder with past (KV cache)" if kv_cache else ""))
     return save_onnx(model, out, external_threshold=external_threshold)

@@ -1,6 +1,6 @@
 """``graphc export``: a self-contained ONNX model, or the weights in Hugging Face layout.
 
-    graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N]
+    graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N] [--primitive-ops]
     graphc export --model PATH|NAME --weights-only DIR
 
 See ``docs/export.md`` for the exported inputs and outputs.
@@ -30,15 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "past_key_values.{i}.key/value -> logits, present.{i}.key/value)")
     p.add_argument("--opset", type=int, default=OPSET, metavar="N",
                    help=f"ONNX opset of the exported model, 18..{OPSET} (default %(default)s)")
+    p.add_argument("--primitive-ops", action="store_true",
+                   help="write layer norm, GELU and attention as primitive ops (default: the standard "
+                        "LayerNormalization, Gelu(tanh) and Attention ops the opset has)")
 
 
 def run(args: argparse.Namespace) -> int:
     from graphc.models.export import export_onnx, export_weights
     from graphc.models.load import load_model
 
-    if args.weights_only is not None and (args.kv_cache or args.opset != OPSET):
-        raise GraphcError(None, "--kv-cache and --opset apply to --out (an ONNX model), not to --weights-only",
-                          "--weights-only")
+    if args.weights_only is not None and (args.kv_cache or args.opset != OPSET or args.primitive_ops):
+        raise GraphcError(None, "--kv-cache, --opset and --primitive-ops apply to --out (an ONNX model), "
+                          "not to --weights-only", "--weights-only")
     if args.weights_only is not None:
         check_output_dir(args.weights_only, "--weights-only")
     else:
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.weights_only is not None:
         written = export_weights(params, args.weights_only)
     else:
-        written = export_onnx(params, args.out, kv_cache=args.kv_cache, opset=args.opset)
+        written = export_onnx(params, args.out, kv_cache=args.kv_cache, opset=args.opset,
+                              primitive_ops=args.primitive_ops)
     for path in written:
         print(f"wrote {path}")
     return 0
