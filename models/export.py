@@ -219,6 +219,55 @@ def export_onnx(params: Params, out: str | os.PathLike, *, kv_cache: bool = Fals
     return save_onnx(model, out, external_threshold=external_threshold)
 
 
+def genai_config(cfg, filename: str) -> dict:
+    """onnxruntime-genai's ``genai_config.json`` for the KV-cache export in ``filename``.
+
+    ``"type": "decoder"`` is genai's generic decoder-only model: it feeds ``input_ids``,
+    ``attention_mask``, ``position_ids`` and the ``past_key_values.%d.key|value`` graphc's
+    decoder-with-past takes, and reads back ``logits`` and ``present.%d.key|value``.
+    """
+    eot = cfg.vocab_size - 1 if cfg.vocab_size == 50257 else 0   # GPT-2's <|endoftext|>
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+            "context_length": cfg.max_seq_len,
+            "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.n_embd,
+                "num_attention_heads": cfg.n_head,
+                "num_key_value_heads": cfg.n_head,
+                "num_hidden_layers": cfg.n_layer,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits",
+                            "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": cfg.max_seq_len, "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+                   "top_k": 1, "top_p": 1.0, "min_length": 0, "early_stopping": True, "length_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+
+
+def write_genai_config(cfg, model_path: str | os.PathLike) -> Path:
+    """``genai_config.json`` beside ``model_path`` (written atomically)."""
+    import json
+
+    from graphc.fileio import atomic_write
+
+    model_path = Path(model_path)
+    path = model_path.parent / "genai_config.json"
+    with atomic_write(path, "w") as f:
+        json.dump(genai_config(cfg, model_path.name), f, indent=2)
+    return path
+
+
 def export_weights(params: Params, folder: str | os.PathLike) -> list[Path]:
     """Hugging Face layout: ``model.safetensors`` + ``config.json`` in ``folder``."""
     folder = Path(folder)

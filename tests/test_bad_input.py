@@ -354,6 +354,8 @@ CASES: list[Case] = [
     Case("export-opset-high", [*EXPORT, "--out", "m.onnx", "--opset", "30"], "--opset"),
     Case("export-opset-word", [*EXPORT, "--out", "m.onnx", "--opset", "new"], "--opset: invalid"),
     Case("export-kv-weights-only", [*EXPORT, "--weights-only", "hf2", "--kv-cache"], "--kv-cache"),
+    Case("export-genai-without-kv", [*EXPORT, "--out", "m.onnx", "--genai-config"], "--genai-config: onnxruntime-genai"),
+    Case("export-primitive-weights-only", [*EXPORT, "--weights-only", "hf2", "--primitive-ops"], "--weights-only"),
     Case("export-disk-full", [*EXPORT, "--weights-only", "hf"], "No space left on device",
          setup=copy("hf"), keep=("hf/model.safetensors", "hf/config.json"), patch=fail_writes(errno.ENOSPC)),
     Case("export-model-missing", ["export", "--model", "none.bin", "--out", "m.onnx"], "no such file"),

@@ -1,6 +1,6 @@
 """``graphc export``: a self-contained ONNX model, or the weights in Hugging Face layout.
 
-    graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N] [--primitive-ops]
+    graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N] [--primitive-ops] [--genai-config]
     graphc export --model PATH|NAME --weights-only DIR
 
 See ``docs/export.md`` for the exported inputs and outputs.
@@ -30,15 +30,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "past_key_values.{i}.key/value -> logits, present.{i}.key/value)")
     p.add_argument("--opset", type=int, default=OPSET, metavar="N",
                    help=f"ONNX opset of the exported model, 18..{OPSET} (default %(default)s)")
+    p.add_argument("--genai-config", action="store_true",
+                   help="with --kv-cache: also write genai_config.json beside the model for onnxruntime-genai "
+                        "(\"type\": \"decoder\")")
     p.add_argument("--primitive-ops", action="store_true",
                    help="write layer norm, GELU and attention as primitive ops (default: the standard "
                         "LayerNormalization, Gelu(tanh) and Attention ops the opset has)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphc.models.export import export_onnx, export_weights
+    from graphc.models.export import export_onnx, export_weights, write_genai_config
     from graphc.models.load import load_model
 
+    if args.genai_config and not args.kv_cache:
+        raise GraphcError(None, "onnxruntime-genai runs the decoder with past: add --kv-cache", "--genai-config")
     if args.weights_only is not None and (args.kv_cache or args.opset != OPSET or args.primitive_ops):
         raise GraphcError(None, "--kv-cache, --opset and --primitive-ops apply to --out (an ONNX model), "
                           "not to --weights-only", "--weights-only")
@@ -57,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         written = export_onnx(params, args.out, kv_cache=args.kv_cache, opset=args.opset,
                               primitive_ops=args.primitive_ops)
+        if args.genai_config:
+            written.append(write_genai_config(params.cfg, args.out))
     for path in written:
         print(f"wrote {path}")
     return 0
