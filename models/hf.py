@@ -17,7 +17,7 @@ import numpy as np
 
 from graphc.errors import GraphcError
 from graphc.models.config import GPT2Config, padded
-from graphc.models.params import Params
+from graphc.models.params import Params, require_finite
 from graphc.models.safetensors_io import read_safetensors, write_safetensors
 
 # llm.c tensor -> (HF per-layer suffix, transpose?)
@@ -123,7 +123,7 @@ def load_hf(path: str | os.PathLike) -> Params:
             hf_shape = shape[::-1] if transpose else shape
             value = fetch(f"h.{layer}.{suffix}", hf_shape)
             block[layer] = value.T if transpose else value
-    return params
+    return require_finite(params, weights)
 
 
 def hf_tensors(params: Params, dtype=np.float32) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ import numpy as np
 from graphc.errors import GraphcError
 from graphc.fileio import atomic_write, open_input, read_array
 from graphc.models.config import GPT2Config
-from graphc.models.params import Params, num_parameters
+from graphc.models.params import Params, num_parameters, require_finite
 
 MAGIC = 20240326
 HEADER_INTS = 256
@@ -74,7 +74,7 @@ def load_llmc(path: str | os.PathLike) -> Params:
                               "parameters")
         raw = read_array(f, dtype, n, path, "parameters")
     flat = raw if dtype == np.float32 else raw.astype(np.float32)
-    return Params(cfg, np.ascontiguousarray(flat))
+    return require_finite(Params(cfg, np.ascontiguousarray(flat)), path)
 
 
 def save_llmc(params: Params, path: str | os.PathLike, version: int = 3) -> None:

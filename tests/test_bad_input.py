@@ -153,6 +153,7 @@ TRAIN = ["train", "--model", MODEL, "--train-data", "{ws}/train.bin", "--val-dat
 # later flags win: [*TRAIN, "--steps", "5"] trains 5 steps
 RESUME = [*TRAIN, "--out", "run", "--resume"]
 GEN = ["generate", "--model", "{ws}/model.bin", "--max-new-tokens", "2"]
+GEN_LOCAL = ["generate", "--model", "model.bin", "--max-new-tokens", "2"]
 EXPORT = ["export", "--model", "{ws}/model.bin"]
 GRAD = ["grad", "{ws}/mlp.onnx", "--loss", "loss", "--wrt", "W1"]
 PREPARE = ["prepare", "--input", "{ws}/text.txt"]
@@ -201,6 +202,8 @@ CASES: list[Case] = [
          setup=steps(copy("model.bin"), llmc_header("model.bin", 5, 3))),
     Case("model-padded-vocab-small", [*EVAL, "model.bin"], "padded vocab",
          setup=steps(copy("model.bin"), llmc_header("model.bin", 7, 100))),
+    Case("model-nan-weights", [*GEN_LOCAL, "--prompt-ids", "1"], "weights are not finite (NaN/inf), first in wte",
+         setup=lambda ws, tmp: _nan_model(ws, tmp)),
     Case("model-is-a-folder", [*EVAL, "{ws}"], "not an llm.c .bin"),
     Case("model-safetensors-garbage", [*EVAL, "x.safetensors"], "x.safetensors", setup=write("x.safetensors", b"garbage")),
     Case("hf-folder-without-weights", [*EVAL, "hf"], "or a folder with model.safetensors",
@@ -389,6 +392,12 @@ CASES: list[Case] = [
     Case("compile-t-too-long", [*COMPILE, "-t", "4096"], "-t: sequence length 4096"),
     Case("compile-b-zero", [*COMPILE, "-b", "0"], "-b: must be >= 1"),
 ]
+
+
+def _nan_model(ws: Path, tmp: Path) -> None:
+    data = bytearray((ws / "model.bin").read_bytes())
+    data[1024:1028] = np.float32(np.nan).tobytes()
+    (tmp / "model.bin").write_bytes(bytes(data))
 
 
 def _nan_optimizer(path: Path) -> None:
