@@ -190,6 +190,10 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *,
         os.replace(tmp_model, path)
         written.insert(0, path)
         return written
+    except OSError as e:  # a full disk: name the output (the previous one is untouched)
+        if e.filename is None or str(tmpdir) in str(e.filename):
+            e.filename = os.fspath(path)
+        raise
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmpdir)

@@ -113,13 +113,12 @@ def llmc_header(name: str, index: int, value: int):
 
 
 def fail_writes(code: int):
-    """The disk fills up (or turns read-only) under graphc's atomic writer."""
+    """The disk fills up (or turns read-only) under graphc's atomic writers (fsync is the last
+    step of every write, so the data went nowhere but a temporary file)."""
     def patch(mp: pytest.MonkeyPatch) -> None:
-        import graphc.fileio
-
         def fsync(fd):
             raise OSError(code, os.strerror(code))
-        mp.setattr(graphc.fileio.os, "fsync", fsync)
+        mp.setattr(os, "fsync", fsync)
     return patch
 
 
@@ -361,6 +360,8 @@ CASES: list[Case] = [
     Case("export-primitive-weights-only", [*EXPORT, "--weights-only", "hf2", "--primitive-ops"], "--weights-only"),
     Case("export-disk-full", [*EXPORT, "--weights-only", "hf"], "No space left on device",
          setup=copy("hf"), keep=("hf/model.safetensors", "hf/config.json"), patch=fail_writes(errno.ENOSPC)),
+    Case("export-onnx-disk-full", [*EXPORT, "--out", "m.onnx"], "m.onnx: No space left on device",
+         setup=write("m.onnx", "previous"), keep=("m.onnx",), patch=fail_writes(errno.ENOSPC)),
     Case("export-model-missing", ["export", "--model", "none.bin", "--out", "m.onnx"], "no such file"),
     # ------------------------------------------------------------------ prepare
     Case("prepare-input-missing", ["prepare", "--input", "none.txt", "--out", "data"], "none.txt"),
