@@ -369,6 +369,8 @@ CASES: list[Case] = [
     Case("prepare-out-under-file", [*PREPARE, "--out", "{ws}/text.txt/data"], "is a file, not a directory"),
     Case("prepare-out-is-file", [*PREPARE, "--out", "{ws}/text.txt"], "exists and is not a directory"),
     Case("prepare-out-read-only", [*PREPARE, "--out", "data"], "Read-only file system", patch=refuse_probe(errno.EROFS)),
+    Case("prepare-disk-full", [*PREPARE, "--out", "data", "--val-tokens", "100"], "No space left on device", setup=write("data/gpt2_tokenizer.bin", "previous"),
+         keep=("data/gpt2_tokenizer.bin",), patch=fail_writes(errno.ENOSPC)),
     Case("prepare-val-tokens-zero", [*PREPARE, "--val-tokens", "0"], "--val-tokens: must be >= 1"),
     Case("prepare-tokenizer-dir-missing", [*PREPARE, "--out", "data", "--tokenizer-dir", "none"], "none"),
     # ------------------------------------------------------------------ grad
@@ -390,9 +392,15 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ compile
     Case("compile-dump-under-file", [*COMPILE, "--dump", "{ws}/text.txt/d"], "--dump: cannot be created"),
     Case("compile-dump-is-file", [*COMPILE, "--dump", "{ws}/text.txt"], "exists and is not a directory"),
+    Case("compile-dump-disk-full", [*COMPILE, "--dump", "d"], "error: d: No space left on device",
+         patch=lambda mp: mp.setattr("graphc.passes.manager.listing", _no_space)),
     Case("compile-t-too-long", [*COMPILE, "-t", "4096"], "-t: sequence length 4096"),
     Case("compile-b-zero", [*COMPILE, "-b", "0"], "-b: must be >= 1"),
 ]
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _nan_model(ws: Path, tmp: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from graphc.cli.common import check_seq_len, positive
@@ -105,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(args.dump, "--dump")
     cfg = model_config(args.model)
     check_seq_len(cfg, args.T)
-    result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump)
+    try:
+        result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump)
+    except OSError as e:  # the dumps are the only files compile writes: name their folder
+        dump = args.dump or os.environ.get("GRAPHC_DUMP_DIR")
+        if e.filename is None and dump:
+            e.filename = os.fspath(dump)
+        raise
     report, mem = result.pop("_report"), result.pop("_plan")
     if args.json:
         print(json.dumps(result))
