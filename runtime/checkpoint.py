@@ -93,6 +93,16 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and ((out / "latest").exists() or bool(folders(out)) or (out / "losses.tsv").exists())
 
 
+def remove_run(out: Path) -> None:
+    """Remove the run in ``out`` (``--overwrite``): its checkpoints, ``latest``, model and log,
+    so that no checkpoint of the old run can be mistaken for one of the new."""
+    for folder in folders(out):
+        shutil.rmtree(folder, ignore_errors=True)
+    for name in ("latest", "model.bin", "losses.tsv", "loss.png"):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+
+
 # ----------------------------------------------------------------------------- reading
 def load(out: Path) -> tuple[Params, np.ndarray, np.ndarray, dict]:
     """The newest checkpoint in ``out``, verified; a damaged one is an error naming a usable one."""

@@ -512,6 +512,7 @@ def test_overwrite_replaces_a_run(ws, tmp_path, monkeypatch):
     argv = [a.replace("{ws}", str(ws)) for a in TRAIN] + ["--out", "run", "--overwrite", "--steps", "1"]
     assert main(argv) == 0
     assert (tmp_path / "run" / "latest").read_text().strip() == "ckpt-000001"
+    assert [p.name for p in (tmp_path / "run").glob("ckpt-*")] == ["ckpt-000001"]  # none of the old run
 
 
 def test_progress_line_is_cleared_before_a_step_line_on_a_terminal(monkeypatch, capsys):

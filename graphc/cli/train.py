@@ -5,9 +5,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from graphc.errors import GraphcError
-
 from graphc.cli.common import add_backend_args, add_model_args, check_seq_len, int_at_least, number, positive
+from graphc.errors import GraphcError
 
 HELP = "train GPT-2 (forward + autodiff backward + AdamW) on llm.c token shards"
 
@@ -49,9 +48,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     from graphc.models.load import load_model
-    from graphc.runtime.optimizer import AdamWConfig
     from graphc.outputs import check_output_dir
     from graphc.runtime import checkpoint
+    from graphc.runtime.optimizer import AdamWConfig
     from graphc.runtime.trainer import TrainConfig, Trainer
 
     check_outputs(args)
@@ -73,6 +72,8 @@ def run(args) -> int:
     if args.resume:
         with checkpoint.naming_files(args.out):
             trainer.resume()
+    elif args.overwrite and args.out is not None:
+        checkpoint.remove_run(args.out)  # every input checked: now the old run goes, not before
 
     def request_stop(signum, frame):
         trainer.stop_requested = True
