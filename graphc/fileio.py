@@ -94,3 +94,25 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
                     leftover.unlink()
             removed.append(leftover)
     return removed
+
+
+def remove_leftovers_of(*paths: str | os.PathLike) -> list[Path]:
+    """Remove what killed writes of exactly these outputs left beside them (``.NAME.XXXX.tmp``).
+
+    Unlike :func:`remove_leftovers` this touches only names graphc's writers give these
+    outputs, so it is safe in any folder (a home directory, say)."""
+    import glob
+    import shutil
+
+    removed = []
+    for path in map(Path, paths):
+        if not path.parent.is_dir():
+            continue
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            removed.append(leftover)
+    return removed

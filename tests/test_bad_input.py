@@ -576,3 +576,13 @@ def test_sigkill_during_training_loses_nothing(ws, tmp_path):
     from graphc.runtime import checkpoint
 
     checkpoint.load(tmp_path / "run")   # the newest complete checkpoint verifies
+
+
+def test_export_removes_what_a_killed_export_left(ws, tmp_path, monkeypatch):
+    """A SIGKILL mid-export leaves ``.m.onnx.XXXX.tmp``; the next export of m.onnx removes it,
+    and nothing else that merely looks temporary."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".m.onnx.k1ll3d.tmp").mkdir()
+    (tmp_path / ".other.abc.tmp").write_text("not graphc's")
+    assert main(["export", "--model", str(ws / "model.bin"), "--out", "m.onnx"]) == 0
+    assert not (tmp_path / ".m.onnx.k1ll3d.tmp").exists() and (tmp_path / ".other.abc.tmp").exists()

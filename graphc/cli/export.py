@@ -9,10 +9,12 @@ See ``docs/export.md`` for the exported inputs and outputs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from graphc import OPSET
 from graphc.cli.common import add_model_args
 from graphc.errors import GraphcError
+from graphc.fileio import remove_leftovers_of
 from graphc.outputs import check_output_dir, check_output_file
 
 HELP = "export a GPT-2 as ONNX (plain or decoder-with-past KV cache), or its weights as HF safetensors"
@@ -55,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     needed = 4 * params.flat.size + (1 << 20)
     if args.weights_only is not None:
         check_output_dir(args.weights_only, "--weights-only", needed)
+        remove_leftovers_of(*(Path(args.weights_only) / n for n in ("model.safetensors", "config.json")))
     else:
         check_output_file(args.out, "--out", needed)
+        remove_leftovers_of(args.out, args.out + ".data", Path(args.out).parent / "genai_config.json")
     if args.weights_only is not None:
         written = export_weights(params, args.weights_only)
     else:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from graphc.cli.common import int_at_least
+from graphc.data.prepare import (DEFAULT_VAL_TOKENS, TOKENIZER_FILENAME, TRAIN_FILENAME, VAL_FILENAME,
+                                 find_tinyshakespeare, prepare_tinyshakespeare)
+from graphc.fileio import remove_leftovers_of
 from graphc.outputs import check_output_dir
-
-from graphc.data.prepare import DEFAULT_VAL_TOKENS, find_tinyshakespeare, prepare_tinyshakespeare
 
 HELP = "tokenize Tiny Shakespeare into llm.c-format train/val token shards (as llm.c's tinyshakespeare.py)"
 
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
+    remove_leftovers_of(*(Path(args.out) / name for name in (VAL_FILENAME, TRAIN_FILENAME, TOKENIZER_FILENAME)))
     input_path = args.input if args.input is not None else find_tinyshakespeare()
     result = prepare_tinyshakespeare(input_path, args.out, tokenizer_dir=args.tokenizer_dir, val_tokens=args.val_tokens)
     print(f"wrote {result.val_tokens} val tokens to {result.val_path}")
