@@ -400,6 +400,9 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ compare
     Case("compare-one-backend", [*COMPARE, "onnxruntime"], "--backends: name at least two backends"),
     Case("compare-unknown-backend", [*COMPARE, "onnxruntime,onnxrt"], "onnxrt: --backends: unknown backend"),
+    Case("compare-backend-unusable", [*COMPARE, "onnxruntime,reference"], "reference: --backends: backend is not "
+         "available here: no GPU", patch=lambda mp: mp.setattr("graphc.backends.reference.ReferenceBackend.available",
+                                                                classmethod(lambda cls: (False, "no GPU")))),
     Case("compare-backend-twice", [*COMPARE, "reference,reference"], "reference: --backends: backend named twice"),
     Case("compare-model-missing", ["compare", "--model", "none.bin", "--mode", "infer", "--backends",
                                    "onnxruntime,reference"], "no such file"),

@@ -48,7 +48,10 @@ def parse_backends(text: str) -> list[str]:
             raise GraphcError(name, "backend named twice", "--backends")
         if name not in REGISTRY:
             raise GraphcError(name, f"unknown backend (known: {', '.join(REGISTRY)})", "--backends")
-        get_backend(name)  # usable here, or a one-line error saying why not
+        try:
+            get_backend(name)  # usable here, or a one-line error saying why not
+        except GraphcError as e:
+            raise GraphcError(name, e.message, "--backends") from None
     return names
 
 
