@@ -70,7 +70,7 @@ def read_gpt2_config(cfg_path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GraphcError(cfg_path, f"unreadable config ({e.__class__.__name__})") from None
     if not isinstance(meta, dict):
-        raise GraphcError(cfg_path, "not a JSON object")
+        raise GraphcError(cfg_path, f"is a JSON {type(meta).__name__}, expected an object")
     problem = gpt2_config_problem(meta)
     if problem:
         raise GraphcError(cfg_path, problem)

@@ -180,7 +180,7 @@ CASES: list[Case] = [
     Case("onnx-too-old", COMPILE, "graphc needs onnx >= 99.0", patch=too_old("onnx")),
     # ------------------------------------------------------------------ --model
     Case("model-missing", [*EVAL, "nothere.bin"], "no such file"),
-    Case("model-unknown-size", [*EVAL, "d13"], "no such file, and not a named size"),
+    Case("model-unknown-size", [*EVAL, "d13"], "no such file, and not a pretrained name"),
     Case("model-zero-heads", [*EVAL, "L4H0C128"], "L4H0C128: --model: n_head must be positive"),
     Case("model-zero-layers", [*EVAL, "L0H4C128"], "L0H4C128: --model: n_layer must be positive"),
     Case("model-zero-channels", [*EVAL, "L1H1C0"], "n_embd must be positive"),
