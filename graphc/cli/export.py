@@ -2,8 +2,11 @@
 
     graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N] [--precision fp32|bf16]
     graphc export --model PATH|NAME --weights-only DIR
+    graphc export --model PATH|NAME --triton-repo DIR [--served-model-name gpt2 --max-batch 8 --context N
+                  --tokenizer-dir DIR] [--precision fp32|bf16]
 
-See ``docs/export.md`` for the exported inputs and outputs.
+See ``docs/export.md`` for the exported inputs and outputs, and ``graphc/models/triton_repo.py``
+for the Triton model repository.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from graphc import OPSET
-from graphc.cli.common import add_model_args, add_precision_arg
+from graphc.cli.common import add_model_args, add_precision_arg, positive
 from graphc.errors import GraphcError
 
 HELP = "export a GPT-2 as ONNX (plain or decoder-with-past KV cache), or its weights as HF safetensors"
@@ -24,23 +27,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "(beside it FILE.onnx.data when the weights pass 2 GB)")
     dest.add_argument("--weights-only", metavar="DIR",
                       help="write model.safetensors + config.json (Hugging Face GPT2LMHeadModel layout) into DIR")
+    dest.add_argument("--triton-repo", metavar="DIR",
+                      help="write an NVIDIA Triton model repository into DIR (a new folder): a decoupled "
+                           "Python-backend model running graphc's Decoder, the KV-cache model.onnx for the "
+                           "onnxruntime backend, and a model.plan where datacenter TensorRT is installed")
     p.add_argument("--kv-cache", action="store_true",
                    help="export the decoder with past (input_ids, attention_mask, position_ids, "
                         "past_key_values.{i}.key/value -> logits, present.{i}.key/value)")
     p.add_argument("--opset", type=int, default=OPSET, metavar="N",
                    help=f"ONNX opset of the exported model, 18..{OPSET} (default %(default)s)")
+    triton = p.add_argument_group("--triton-repo options")
+    triton.add_argument("--served-model-name", default="gpt2", metavar="NAME",
+                        help="the Python model's name in the repository (NAME_onnx, NAME_trt beside it; default gpt2)")
+    triton.add_argument("--max-batch", type=positive("--max-batch"), default=8,
+                        help="sequences the Python model decodes together, and the TensorRT profile's batch (default 8)")
+    triton.add_argument("--context", type=positive("--context"), default=None,
+                        help="cache positions per sequence: prompt + max_tokens (default: the model's maximum)")
+    triton.add_argument("--tokenizer-dir", default=None, metavar="DIR",
+                        help="copy OpenAI's vocab.bpe + encoder.json from DIR (or $GRAPHC_TOKENIZER_DIR) into the "
+                             "repository; without them the model uses the server's tiktoken cache")
     add_precision_arg(p, "bf16: weights as bf16 initializers, bf16 compute with float32 layer-norm statistics, "
                          "softmax and logits (the optimised inference graph after the BF16 pass)")
+
+
+TRITON_ONLY = {"--served-model-name": "gpt2", "--max-batch": 8, "--context": None, "--tokenizer-dir": None}
 
 
 def run(args: argparse.Namespace) -> int:
     from graphc.models.export import export_onnx, export_weights
     from graphc.models.load import load_model
+    from graphc.models.triton_repo import check_repo_path, write_triton_repo
 
+    if args.triton_repo is None:
+        for flag, default in TRITON_ONLY.items():
+            if getattr(args, flag[2:].replace("-", "_")) != default:
+                raise GraphcError(None, "applies to --triton-repo only", flag)
+    else:
+        if args.kv_cache or args.opset != OPSET:
+            raise GraphcError(None, "--kv-cache and --opset apply to --out; --triton-repo always writes the "
+                              "KV-cache model at the default opset", "--triton-repo")
+        check_repo_path(args.triton_repo)        # before the model is loaded
     if args.weights_only is not None and (args.kv_cache or args.opset != OPSET or args.precision != "fp32"):
         raise GraphcError(None, "--kv-cache, --opset and --precision apply to --out (an ONNX model), "
                           "not to --weights-only", "--weights-only")
     params = load_model(args.model, args.seed)
+    if args.triton_repo is not None:
+        notes = write_triton_repo(params, args.triton_repo, name=args.served_model_name, precision=args.precision,
+                                  max_batch=args.max_batch, context=args.context, tokenizer_dir=args.tokenizer_dir)
+        print(f"wrote {args.triton_repo}")
+        for note in notes:
+            print(f"  {note}")
+        return 0
     if args.weights_only is not None:
         written = export_weights(params, args.weights_only)
     else:
