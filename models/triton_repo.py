@@ -8,6 +8,7 @@ Triton serves the folder unchanged (``tritonserver --model-repository DIR``)::
         1/model.py             graphc/runtime/triton_model.py
         1/model.safetensors    the weights (+ config.json), Hugging Face layout
         1/tokenizer/           vocab.bpe + encoder.json (when --tokenizer-dir is given)
+        ENV.tar.gz             a packed Python environment with graphc (when --triton-env is given)
       NAME_onnx/               onnxruntime backend: the KV-cache decoder-with-past
         config.pbtxt
         1/model.onnx
@@ -110,8 +111,10 @@ def _parameter(key: str, value) -> str:
     return f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
 
 
-def python_config(name: str, *, max_batch: int, context: int, precision: str) -> str:
-    """The decoupled Python-backend model; ``parameters`` configure the Decoder it runs."""
+def python_config(name: str, *, max_batch: int, context: int, precision: str, env_archive: str | None = None) -> str:
+    """The decoupled Python-backend model; ``parameters`` configure the Decoder it runs, and
+    ``EXECUTION_ENV_PATH`` names the packed Python environment kept in the model's folder."""
+    env = [_parameter("EXECUTION_ENV_PATH", f"$$TRITON_MODEL_DIRECTORY/{env_archive}")] if env_archive else []
     return render_config(
         name,
         ['backend: "python"', "max_batch_size: 0",
@@ -119,7 +122,7 @@ def python_config(name: str, *, max_batch: int, context: int, precision: str) ->
         PYTHON_INPUTS, PYTHON_OUTPUTS,
         ["instance_group [ { count: 1 kind: KIND_CPU } ]",
          _parameter("backend", "onnxruntime"), _parameter("precision", precision),
-         _parameter("max_batch", max_batch), _parameter("context", context)])
+         _parameter("max_batch", max_batch), _parameter("context", context), *env])
 
 
 def step_config(name: str, model: onnx.ModelProto, platform: str) -> str:
@@ -171,6 +174,21 @@ def _profile(name: str, shape: tuple[int, ...], max_batch: int, context: int):
 
 
 # ----------------------------------------------------------------------------- writing
+ENV_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def check_env_archive(archive: str | os.PathLike | None) -> Path | None:
+    """A packed Python environment (conda-pack / venv-pack archive) for ``EXECUTION_ENV_PATH``."""
+    if archive is None:
+        return None
+    archive = Path(archive)
+    if not archive.is_file():
+        raise GraphcError(archive, "not found (expected a conda-pack or venv-pack archive)", "--triton-env")
+    if not archive.name.endswith(ENV_ARCHIVE_SUFFIXES):
+        raise GraphcError(archive, f"expected a {', '.join(ENV_ARCHIVE_SUFFIXES)} archive", "--triton-env")
+    return archive
+
+
 def check_repo_path(out: str | os.PathLike) -> Path:
     """``out`` must not exist yet (or be an empty folder): a repository is never overwritten."""
     out = Path(out)
@@ -182,7 +200,8 @@ def check_repo_path(out: str | os.PathLike) -> Path:
 
 def write_triton_repo(params: Params, out: str | os.PathLike, *, name: str = "gpt2", precision: str = "fp32",
                       max_batch: int = 8, context: int | None = None,
-                      tokenizer_dir: str | os.PathLike | None = None, plan: bool = True) -> list[str]:
+                      tokenizer_dir: str | os.PathLike | None = None, env_archive: str | os.PathLike | None = None,
+                      plan: bool = True) -> list[str]:
     """Write the repository (layout in the module docstring); returns what was written, one
     line each (the notes say why an optional part is absent)."""
     from graphc.models.export import export_onnx
@@ -196,6 +215,7 @@ def write_triton_repo(params: Params, out: str | os.PathLike, *, name: str = "gp
         raise GraphcError(None, f"must be 2..{params.cfg.max_seq_len} (the model's maximum), got {context}",
                           "--context")
     tokenizer_files = _tokenizer_files(tokenizer_dir)
+    env_archive = check_env_archive(env_archive)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -207,9 +227,13 @@ def write_triton_repo(params: Params, out: str | os.PathLike, *, name: str = "gp
         for f in tokenizer_files:
             (python / "tokenizer").mkdir(exist_ok=True)
             shutil.copyfile(f, python / "tokenizer" / f.name)
-        (tmp / name / "config.pbtxt").write_text(
-            python_config(name, max_batch=max_batch, context=context, precision=precision))
-        notes.append(f"{name}: Python backend (graphc Decoder, decoupled), max batch {max_batch}, context {context}")
+        if env_archive is not None:
+            shutil.copyfile(env_archive, tmp / name / env_archive.name)
+        (tmp / name / "config.pbtxt").write_text(python_config(
+            name, max_batch=max_batch, context=context, precision=precision,
+            env_archive=env_archive.name if env_archive is not None else None))
+        notes.append(f"{name}: Python backend (graphc Decoder, decoupled), max batch {max_batch}, context {context}"
+                     + (f", Python environment {env_archive.name}" if env_archive is not None else ""))
 
         onnx_dir = tmp / f"{name}_onnx" / "1"
         export_onnx(params, onnx_dir / "model.onnx", kv_cache=True, precision=precision)

@@ -18,7 +18,7 @@ a request's tokens do not depend on what else runs.
 Tensor names follow Triton's LLM examples (the vLLM backend and TensorRT-LLM's ensemble):
 inputs ``text_input`` or ``input_ids``, ``max_tokens``, ``temperature``, ``top_k``,
 ``top_p``, ``seed``; outputs ``text_output``, ``output_ids``. A bad request gets one error
-response (``<field>: <what>``) and the final flag. End of text ends the stream and is not
+response (``<field>: <what>``) carrying the final flag. End of text ends the stream and is not
 sent as a token, as ``graphc serve`` does.
 """
 
@@ -175,6 +175,6 @@ def _sampler(sampler_class, fields: dict):
 
 
 def _fail(sender, message: str, code) -> None:
-    """One error response, then the final flag."""
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
-    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    """One error response carrying the final flag."""
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -117,6 +117,8 @@ def test_refuses_an_existing_repository(tmp_path, capsys):
     (["--triton-repo", "r", "--served-model-name", "a/b"], "--served-model-name"),
     (["--triton-repo", "r", "--context", "2000"], "--context"),
     (["--triton-repo", "r", "--tokenizer-dir", "missing"], None),
+    (["--triton-repo", "r", "--triton-env", "missing.tar.gz"], "--triton-env"),
+    (["--out", "m.onnx", "--triton-env", "missing.tar.gz"], "--triton-env"),
 ])
 def test_bad_flags_write_nothing(tmp_path, monkeypatch, capsys, args, field):
     monkeypatch.chdir(tmp_path)
@@ -216,6 +218,35 @@ def test_seeded_sampling_in_flight_together_equals_each_alone(exported, triton):
         assert result["errors"] == [] and result["final"]
         assert result["ids"] == reference_decode(params, prompt, **request)
     assert got[0]["ids"] != got[1]["ids"]          # the seeds matter
+
+
+@pytest.mark.slow
+@requires_shared
+def test_packed_environment_via_execution_env_path(exported, triton, tmp_path):
+    """The repository carries graphc in a venv-pack archive (``--triton-env``); the server runs with
+    nothing of graphc's on PATH, so the model can only import graphc from the unpacked archive."""
+    from graphc.data.tokenizer import Tokenizer
+    from triton_server import TritonServer, pack_environment, stream_requests
+
+    _, hf_dir, _ = exported
+    python, _ = triton
+    archive = pack_environment(python, tmp_path / "graphc_env.tar")
+    repo = tmp_path / "repo"
+    assert main(["export", "--model", str(hf_dir), "--triton-repo", str(repo), "--context", str(CONTEXT),
+                 "--tokenizer-dir", str(GPT2_DIR), "--triton-env", str(archive)]) == 0
+    assert (repo / "gpt2/graphc_env.tar").stat().st_size == archive.stat().st_size
+    assert ('parameters { key: "EXECUTION_ENV_PATH" value: { string_value: '
+            '"$$TRITON_MODEL_DIRECTORY/graphc_env.tar" } }') in (repo / "gpt2/config.pbtxt").read_text()
+    (tmp_path / "server").mkdir()
+    server = TritonServer(python, repo, ["gpt2"], tmp_path / "server", path="/usr/local/bin:/usr/bin:/bin")
+    try:
+        server.wait_ready()
+        (result,) = stream_requests(python, server, "gpt2", [{"text_input": PROMPT, "max_tokens": 8,
+                                                              "temperature": 0.0}])
+    finally:
+        server.stop()
+    expected = transformers_greedy(hf_dir, Tokenizer(tokenizer_dir=GPT2_DIR).encode(PROMPT), 8)
+    assert result["errors"] == [] and result["final"] and result["ids"] == expected
 
 
 @pytest.mark.slow

@@ -37,12 +37,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = Path(os.environ.get("GRAPHC_TEST_ENVS", Path.home() / ".cache" / "graphc" / "test-envs"))
 PYTRITON = "nvidia-pytriton==0.7.0"
+VENV_PACK = "venv-pack==0.2.0"   # packs the environment for EXECUTION_ENV_PATH
 
 
 def requirements() -> list[str]:
-    """pytriton (with tritonclient) and graphc's runtime dependencies, read from pyproject.toml."""
+    """pytriton (with tritonclient), venv-pack and graphc's runtime dependencies (from pyproject.toml)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [PYTRITON, *project["dependencies"]]
+    return [PYTRITON, VENV_PACK, *project["dependencies"]]
+
+
+def pack_environment(python: Path, archive: Path) -> Path:
+    """The environment (graphc installed) as a relocatable venv-pack archive, for ``EXECUTION_ENV_PATH``."""
+    done = subprocess.run([str(python), "-m", "venv_pack", "-p", str(python.parent.parent), "-o", str(archive), "-q"],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        pytest.fail(f"venv-pack failed:\n{done.stderr[-3000:]}")
+    return archive
 
 
 def triton_python() -> Path:
@@ -91,9 +101,12 @@ def free_port() -> int:
 
 class TritonServer:
     """``tritonserver --model-repository REPO`` on 127.0.0.1 (HTTP, gRPC, metrics on free ports),
-    loading the named models only; :meth:`stop` ends it (SIGTERM, then SIGKILL)."""
+    loading the named models only; :meth:`stop` ends it (SIGTERM, then SIGKILL).
 
-    def __init__(self, python: Path, repo: Path, models: list[str], workdir: Path):
+    The environment's ``bin`` goes first on ``PATH`` (pytriton's way), unless ``path`` is given:
+    a model with a packed environment gets a ``PATH`` with no graphc on it."""
+
+    def __init__(self, python: Path, repo: Path, models: list[str], workdir: Path, path: str | None = None):
         info = env_info(python)
         dist = Path(info["pytriton"]) / "tritonserver"
         backend = workdir / "backends" / "python"
@@ -103,9 +116,10 @@ class TritonServer:
         (backend / "triton_python_backend_stub").symlink_to(
             dist / "python_backend_stubs" / info["version"] / "triton_python_backend_stub")
         self.http, self.grpc, metrics = free_port(), free_port(), free_port()
-        env = dict(os.environ, PATH=f"{python.parent}:{os.environ['PATH']}",
+        env = dict(os.environ, PATH=path or f"{python.parent}:{os.environ['PATH']}",
                    LD_LIBRARY_PATH=":".join(filter(None, [info["libdir"], os.environ.get("LD_LIBRARY_PATH")])))
-        env.pop("PYTHONHOME", None)
+        for name in ("PYTHONHOME", "VIRTUAL_ENV"):
+            env.pop(name, None)
         self.log_path = workdir / "tritonserver.log"
         self.log = open(self.log_path, "wb")
         cmd = [str(dist / "bin" / "tritonserver"), "--model-repository", str(repo),
@@ -114,7 +128,7 @@ class TritonServer:
                "--http-address", "127.0.0.1", "--http-port", str(self.http),
                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc),
                "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics),
-               "--exit-timeout-secs", "5", "--log-verbose", "0"]
+               "--exit-timeout-secs", "5", "--log-verbose", "1"]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
         self.models = models
 
@@ -152,7 +166,7 @@ class TritonServer:
 
 CLIENT = r'''
 """Send requests to a decoupled model over one gRPC stream, concurrently; print what came back."""
-import json, queue, sys
+import json, os, queue, sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
@@ -173,10 +187,16 @@ for i, fields in enumerate(requests):
     client.async_stream_infer(model, inputs, request_id=str(i), enable_empty_final_response=True)
 out = [{"ids": [], "texts": [], "responses": 0, "errors": [], "final": False} for _ in requests]
 while not all(o["final"] for o in out):
-    result, error = results.get(timeout=120)
+    try:
+        result, error = results.get(timeout=120)
+    except queue.Empty:        # fail now, with what came (the stream's thread would keep the process alive)
+        print(json.dumps(out), flush=True)
+        print("no response for 120 s", file=sys.stderr, flush=True)
+        os._exit(3)
     if error is not None:      # an error response carries no id here: it is the only request in flight
         pending = [o for o in out if not o["final"]]
         pending[0]["errors"].append(str(error))
+        pending[0]["final"] = True     # the error response carries the final flag
         continue
     response = result.get_response()
     o = out[int(response.id)]
@@ -196,5 +216,6 @@ def stream_requests(python: Path, server: TritonServer, model: str, requests: li
     responses, errors and whether the final flag came."""
     done = subprocess.run([str(python), "-c", CLIENT, f"127.0.0.1:{server.grpc}", model],
                           input=json.dumps(requests), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:] + "\n--- server log ---\n" + server.log_tail()
+    assert done.returncode == 0, (done.stdout[-2000:] + done.stderr[-3000:] + "\n--- server log ---\n"
+                                  + server.log_tail(20000))
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -3,7 +3,7 @@
     graphc export --model PATH|NAME --out FILE.onnx [--kv-cache] [--opset N] [--precision fp32|bf16]
     graphc export --model PATH|NAME --weights-only DIR
     graphc export --model PATH|NAME --triton-repo DIR [--served-model-name gpt2 --max-batch 8 --context N
-                  --tokenizer-dir DIR] [--precision fp32|bf16]
+                  --tokenizer-dir DIR --triton-env ARCHIVE] [--precision fp32|bf16]
 
 See ``docs/export.md`` for the exported inputs and outputs, and ``graphc/models/triton_repo.py``
 for the Triton model repository.
@@ -46,17 +46,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     triton.add_argument("--tokenizer-dir", default=None, metavar="DIR",
                         help="copy OpenAI's vocab.bpe + encoder.json from DIR (or $GRAPHC_TOKENIZER_DIR) into the "
                              "repository; without them the model uses the server's tiktoken cache")
+    triton.add_argument("--triton-env", default=None, metavar="ARCHIVE",
+                        help="a packed Python environment with graphc (conda-pack or venv-pack .tar.gz/.tgz/.tar), "
+                             "copied beside the Python model and named by its EXECUTION_ENV_PATH")
     add_precision_arg(p, "bf16: weights as bf16 initializers, bf16 compute with float32 layer-norm statistics, "
                          "softmax and logits (the optimised inference graph after the BF16 pass)")
 
 
-TRITON_ONLY = {"--served-model-name": "gpt2", "--max-batch": 8, "--context": None, "--tokenizer-dir": None}
+TRITON_ONLY = {"--served-model-name": "gpt2", "--max-batch": 8, "--context": None, "--tokenizer-dir": None,
+               "--triton-env": None}
 
 
 def run(args: argparse.Namespace) -> int:
     from graphc.models.export import export_onnx, export_weights
     from graphc.models.load import load_model
-    from graphc.models.triton_repo import check_repo_path, write_triton_repo
+    from graphc.models.triton_repo import check_env_archive, check_repo_path, write_triton_repo
 
     if args.triton_repo is None:
         for flag, default in TRITON_ONLY.items():
@@ -67,13 +71,15 @@ def run(args: argparse.Namespace) -> int:
             raise GraphcError(None, "--kv-cache and --opset apply to --out; --triton-repo always writes the "
                               "KV-cache model at the default opset", "--triton-repo")
         check_repo_path(args.triton_repo)        # before the model is loaded
+        check_env_archive(args.triton_env)
     if args.weights_only is not None and (args.kv_cache or args.opset != OPSET or args.precision != "fp32"):
         raise GraphcError(None, "--kv-cache, --opset and --precision apply to --out (an ONNX model), "
                           "not to --weights-only", "--weights-only")
     params = load_model(args.model, args.seed)
     if args.triton_repo is not None:
         notes = write_triton_repo(params, args.triton_repo, name=args.served_model_name, precision=args.precision,
-                                  max_batch=args.max_batch, context=args.context, tokenizer_dir=args.tokenizer_dir)
+                                  max_batch=args.max_batch, context=args.context, tokenizer_dir=args.tokenizer_dir,
+                                  env_archive=args.triton_env)
         print(f"wrote {args.triton_repo}")
         for note in notes:
             print(f"  {note}")
