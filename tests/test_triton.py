@@ -245,6 +245,8 @@ def test_packed_environment_via_execution_env_path(exported, triton, tmp_path):
                                                               "temperature": 0.0}])
     finally:
         server.stop()
+        for big in (archive, repo / "gpt2/graphc_env.tar"):    # ~0.5 GB each: not kept in pytest's tmp dirs
+            big.unlink(missing_ok=True)
     expected = transformers_greedy(hf_dir, Tokenizer(tokenizer_dir=GPT2_DIR).encode(PROMPT), 8)
     assert result["errors"] == [] and result["final"] and result["ids"] == expected
 
