@@ -475,6 +475,9 @@ def column_sum(ctx, x: Tensor, out: Tensor) -> None:
     if x.row_stride() is None:
         x = ctx.contiguous(x)
     rows, cols = x.shape
+    if rows <= K.COLSUM_ONE_PASS_ROWS:
+        ctx.launch(K.colsum_one_pass(rows, cols, x.dtype, out.dtype, x.row_stride()), [-(-cols // 32)], [32, 8], [x, out])
+        return
     chunks = max(1, min(K.COLSUM_CHUNKS, rows))
     src, (k1, k2) = K.colsum(rows, cols, x.dtype, out.dtype, x.row_stride(), chunks)
     part = ctx.scratch((chunks, cols), np.float32, "colsum-partial")
@@ -562,18 +565,34 @@ def lower_cross_entropy(ctx, node):
     loss = ctx.out(node.output[0], (), np.float32)
     grad = _fusable_ce_grad(ctx, node)
     if grad is None:
-        src = K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld)
+        src = (K.cross_entropy_fused_vec(rows, V, z.dtype, t.dtype, z_ld, False) if _vec_rows_ok(z, z_ld, V)
+               else K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld))
         ctx.launch(src, [rows], [1024], [z, t, losses])
     else:
         g, dloss = grad
         dz, cols, pad = _ce_grad_destination(ctx, g, rows, V, z.dtype)
-        src = K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld, dz.dtype, cols, cols, dloss / rows)
+        if _vec_rows_ok(z, z_ld, V) and _vec_rows_ok(dz, cols, cols) and dz.dtype == z.dtype and dz.is_contiguous():
+            src = K.cross_entropy_fused_vec(rows, V, z.dtype, t.dtype, z_ld, True, cols, dloss / rows)
+        else:
+            src = K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld, dz.dtype, cols, cols, dloss / rows)
         ctx.launch(src, [rows], [1024], [z, t, losses, dz])
         _define_ce_grad(ctx, g, dz, pad, rows, V, cols)
         ctx.skip.add(id(g))
     src, (_, k2) = K.cross_entropy(rows, V, z.dtype, t.dtype, z_ld)
     ctx.launch((src, k2), [1], [1024], [losses, loss])
     ctx.define(node.output[0], loss)
+
+
+def _vec_rows_ok(t: Tensor, ld: int, cols: int) -> bool:
+    """Rows of ``t`` (row stride ``ld``) can be read in 16-byte vectors up to ``cols``
+    rounded up to a whole vector: aligned rows, and the last row's vector tail inside the
+    storage (the padded vocabulary columns)."""
+    if t.dtype.name not in ("float32", "bfloat16"):
+        return False
+    vec = 16 // t.dtype.itemsize
+    tail = -(-cols // vec) * vec
+    end = t.offset + (t.shape[0] - 1) * ld + tail
+    return ld % vec == 0 and _aligned16(t) and tail <= ld and end * t.dtype.itemsize <= t.storage.nbytes
 
 
 def _fusable_ce_grad(ctx, node):
@@ -975,6 +994,77 @@ def blas_for(rt, ws: Tensor):
     return _BLAS[key]
 
 
+# ============================================================================ flat casts
+def _flat_groups(tensors: list[Tensor]):
+    """The storage that ``tensors`` (contiguous, one dtype, disjoint) tile exactly, or None."""
+    if not tensors or any(not t.is_contiguous() for t in tensors):
+        return None
+    s, dt = tensors[0].storage, tensors[0].dtype
+    if any(t.storage is not s or t.dtype != dt for t in tensors):
+        return None
+    spans = sorted((t.offset, t.offset + t.size) for t in tensors)
+    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or spans[-1][1] * dt.itemsize != s.nbytes:
+        return None
+    return s, dt, spans[-1][1]
+
+
+def _flat_casts(ctx, where) -> list:
+    """Mixed precision's per-parameter casts as two kernels over flat buffers.
+
+    The bf16 training graph casts every fp32 master to bf16 on entry and every bf16 gradient
+    to fp32 on exit: ~300 small kernels, which dominate a launch-bound step (B4 T64). When
+    the casts' fp32 sides tile one flat buffer exactly (the parameters; the gradient
+    targets), one kernel converts the whole buffer into a flat low-precision twin at the start
+    (entry) and one at the end (exit); each Cast is then a view (entry) or writes its input
+    straight into the twin (exit). Returns the exit groups for :func:`lower` to finish."""
+    inputs = {vi.name for vi in ctx.model.graph.input}
+    entry: dict[int, list] = {}
+    exit_: dict[int, list] = {}
+    for node in ctx.model.graph.node:
+        if node.op_type != "Cast" or node.domain:
+            continue
+        to = NP_OF_ONNX.get(attr(node, "to"))
+        x = ctx.values.get(node.input[0])
+        if node.input[0] in inputs and isinstance(x, Tensor) and to is not None and to != x.dtype:
+            entry.setdefault(id(x.storage), []).append((node, x, to))
+        target = ctx.targets.get(node.output[0])
+        if target is not None and len(ctx.consumers.get(node.input[0], [])) == 1 \
+                and node.input[0] not in ctx.graph_outputs and node.input[0] not in inputs:
+            exit_.setdefault(id(target.storage), []).append((node, target))
+    for group in entry.values():
+        found = _flat_groups([x for _, x, _ in group])
+        tos = {to for _, _, to in group}
+        if found is None or len(tos) != 1:
+            continue
+        storage, dt, n = found
+        to = tos.pop()
+        src = Tensor(storage, (n,), (1,), dt)
+        low = ctx.fresh((n,), to, "weights", f"{storage.name}:{to.name}")
+        ctx.copy(src, low)
+        ctx.program.steps[-1].node = f"flat-cast:{storage.name}"
+        for node, x, _ in group:
+            ctx.define(node.output[0], low.view(x.shape, x.strides, x.offset))
+            ctx.skip.add(id(node))
+    done = []
+    for group in exit_.values():
+        found = _flat_groups([t for _, t in group])
+        lows = {ctx.declared.get(node.input[0]) for node, _ in group}
+        if found is None or len(lows) != 1 or None in lows:
+            continue
+        storage, dt, n = found
+        low_dt = lows.pop()
+        flat = ctx.fresh((n,), low_dt, "grad", f"{storage.name}:{low_dt.name}")
+        pairs = []
+        for node, t in group:
+            low = flat.view(t.shape, t.strides, t.offset)
+            ctx.targets[node.input[0]] = low
+            ctx.skip.add(id(node))
+            ctx.define(node.output[0], t)
+            pairs.append((node.input[0], low))
+        done.append((flat, Tensor(storage, (n,), (1,), dt), pairs))
+    return done
+
+
 # ============================================================================ driver
 def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
           targets: dict[str, Tensor] | None = None, program: Program | None = None,
@@ -1011,6 +1101,7 @@ def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
             t = ctx.fresh(shape, NP_OF_ONNX[tt.elem_type], "input", vi.name)
         ctx.define(vi.name, t)
         program.inputs[vi.name] = t
+    flat_out = _flat_casts(ctx, where)
     # in-place: ScatterND(add) writes into its data input when nothing else reads it
     for node in model.graph.node:
         if node.op_type == "ScatterND" and len(ctx.consumers.get(node.input[0], [])) == 1 \
@@ -1031,6 +1122,14 @@ def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
             continue
         LOWER[key](ctx, node)
     ctx.node = None
+    for src_flat, dst_flat, pairs in flat_out:
+        for low_name, low in pairs:   # a low-precision value not written in place: copy it there
+            v = ctx.values[low_name]
+            if not (isinstance(v, Tensor) and v.storage is low.storage and v.offset == low.offset
+                    and v.strides == low.strides):
+                ctx.copy(ctx.tensor(low_name), low)
+        ctx.copy(src_flat, dst_flat)
+        ctx.program.steps[-1].node = f"flat-cast:{dst_flat.storage.name}"
     for out in model.graph.output:
         v = ctx.values[out.name]
         if isinstance(v, np.ndarray):
