@@ -182,6 +182,85 @@ extern "C" __global__ void ln_bwd(const {ctype(dy_dt)}* __restrict__ dy, const {
     return src, "ln_bwd"
 
 
+LN_PARTIAL_MAX_C = 1536   # 8 warps x C fp32 in static shared memory (48 KB)
+
+
+def layernorm_bwd_partials(rows: int, C: int, chunks: int, dy_dt, x_dt, w_dt, dx_dt, out_dt, eps: float,
+                           dy_ld: int, x_ld: int):
+    """Layer-norm backward with its weight and bias gradients, no [rows, C] scratch.
+
+    ``ln_bwd_part`` (one block of 8 warps per chunk of rows, a warp per row): dX as
+    :func:`layernorm_bwd`, while each lane accumulates dY*xhat and dY for its columns in
+    registers; the 8 warps' sums are added in warp order and written as the chunk's
+    partials [chunks, 2C]. ``ln_bwd_final`` adds the chunks in order into dW and dB. Fixed
+    order throughout, so deterministic; the fp32 dY*xhat matrix (4 bytes x rows x C written
+    and read back) of the two-pass version is gone."""
+    nc = -(-C // 32)
+    per = -(-rows // chunks)
+    src = PRELUDE + f"""
+extern "C" __global__ void ln_bwd_part(const {ctype(dy_dt)}* __restrict__ dy, const {ctype(x_dt)}* __restrict__ x,
+                                       const {ctype(w_dt)}* __restrict__ w, {ctype(dx_dt)}* __restrict__ dx,
+                                       float* __restrict__ part) {{
+  __shared__ float red[8][{C}];
+  const int wid = threadIdx.x / 32, lane = threadIdx.x % 32, chunk = blockIdx.x;
+  const int r0 = chunk * {per}, r1 = min({rows}, r0 + {per});
+  float aw[{nc}], ab[{nc}];
+  #pragma unroll
+  for (int k = 0; k < {nc}; ++k) {{ aw[k] = 0.f; ab[k] = 0.f; }}
+  for (int row = r0 + wid; row < r1; row += 8) {{
+    const i64 xo = (i64)row * {x_ld}LL, go = (i64)row * {dy_ld}LL, oo = (i64)row * {C}LL;
+    float s = 0.f;
+    for (int c = lane; c < {C}; c += 32) s += ld(x, xo + c);
+    const float mean = warp_sum(s) / {C}.f;
+    float v = 0.f;
+    for (int c = lane; c < {C}; c += 32) {{ float d = ld(x, xo + c) - mean; v += d * d; }}
+    const float rstd = 1.f / sqrtf(warp_sum(v) / {C}.f + {lit(eps, np.float32)});
+    float m1 = 0.f, m2 = 0.f;
+    for (int c = lane; c < {C}; c += 32) {{
+      float xhat = (ld(x, xo + c) - mean) * rstd, g = ld(dy, go + c) * ld(w, c);
+      m1 += g; m2 += g * xhat;
+    }}
+    m1 = warp_sum(m1) / {C}.f; m2 = warp_sum(m2) / {C}.f;
+    #pragma unroll
+    for (int k = 0; k < {nc}; ++k) {{
+      const int c = lane + 32 * k;
+      if (c < {C}) {{
+        float xhat = (ld(x, xo + c) - mean) * rstd, d = ld(dy, go + c), g = d * ld(w, c);
+        st(dx, oo + c, (g - m1 - xhat * m2) * rstd);
+        aw[k] += d * xhat; ab[k] += d;
+      }}
+    }}
+  }}
+  #pragma unroll
+  for (int k = 0; k < {nc}; ++k) {{ const int c = lane + 32 * k; if (c < {C}) red[wid][c] = aw[k]; }}
+  __syncthreads();
+  for (int c = threadIdx.x; c < {C}; c += blockDim.x) {{
+    float t = red[0][c];
+    for (int q = 1; q < 8; ++q) t += red[q][c];
+    part[(i64)chunk * {2 * C} + c] = t;
+  }}
+  __syncthreads();
+  #pragma unroll
+  for (int k = 0; k < {nc}; ++k) {{ const int c = lane + 32 * k; if (c < {C}) red[wid][c] = ab[k]; }}
+  __syncthreads();
+  for (int c = threadIdx.x; c < {C}; c += blockDim.x) {{
+    float t = red[0][c];
+    for (int q = 1; q < 8; ++q) t += red[q][c];
+    part[(i64)chunk * {2 * C} + {C} + c] = t;
+  }}
+}}
+extern "C" __global__ void ln_bwd_final(const float* __restrict__ part, {ctype(out_dt)}* __restrict__ dw,
+                                        {ctype(out_dt)}* __restrict__ db) {{
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= {2 * C}) return;
+  float s = 0.f;
+  for (int k = 0; k < {chunks}; ++k) s += part[(i64)k * {2 * C} + c];
+  if (c < {C}) st(dw, c, s); else st(db, c - {C}, s);
+}}
+"""
+    return src, ("ln_bwd_part", "ln_bwd_final")
+
+
 COLSUM_CHUNKS = 64
 
 

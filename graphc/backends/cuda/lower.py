@@ -425,7 +425,11 @@ def lower_concat(ctx, node):
     for name, v in zip(node.input, vals):
         part_shape = list(out.shape)
         part_shape[axis] = v.shape[axis]
-        ctx.copy(ctx.tensor(name), out.view(part_shape, out.strides, out.offset + start * out.strides[axis]))
+        part = out.view(part_shape, out.strides, out.offset + start * out.strides[axis])
+        src = ctx.tensor(name)
+        if not (src.storage is part.storage and src.offset == part.offset and src.shape == part.shape
+                and src.strides == part.strides and src.dtype == part.dtype):   # else written in place already
+            ctx.copy(src, part)
         start += v.shape[axis]
     ctx.define(node.output[0], out)
 
@@ -501,6 +505,9 @@ def lower_layernorm(ctx, node):
     ctx.define(node.output[0], y)
 
 
+LN_CHUNKS = 512   # row chunks of the layer-norm backward's partial sums (enough blocks for 132 SMs)
+
+
 @lowering(("graphc", "LayerNormGrad"))
 def lower_layernorm_grad(ctx, node):
     dy, dy_ld = ctx.rows(ctx.tensor(node.input[0]))
@@ -508,6 +515,19 @@ def lower_layernorm_grad(ctx, node):
     w = ctx.contiguous(ctx.tensor(node.input[2]))
     rows, C = x.shape
     dx = ctx.out(node.output[0], ctx.shape(node.input[1]), x.dtype)
+    eps = attr(node, "epsilon", 1e-5)
+    if len(node.output) == 3 and node.output[1] and node.output[2] and C <= K.LN_PARTIAL_MAX_C:
+        dw, db = (ctx.out(name, (C,), w.dtype) for name in node.output[1:3])
+        if dw.dtype == db.dtype:
+            chunks = max(1, min(LN_CHUNKS, -(-rows // 8)))
+            src, (k1, k2) = K.layernorm_bwd_partials(rows, C, chunks, dy.dtype, x.dtype, w.dtype, dx.dtype, dw.dtype,
+                                                     eps, dy_ld, x_ld)
+            part = ctx.scratch((chunks, 2 * C), np.float32, "ln-partials")
+            ctx.launch((src, k1), [chunks], [256], [dy, x, w, dx, part])
+            ctx.launch((src, k2), [-(-2 * C // 256)], [256], [part, dw, db])
+            for name, t in zip(node.output, (dx, dw, db)):
+                ctx.define(name, t)
+            return
     dyxhat = ctx.scratch((rows, C), np.float32, "ln-dyxhat")
     src = K.layernorm_bwd(rows, C, dy.dtype, x.dtype, w.dtype, dx.dtype, attr(node, "epsilon", 1e-5), dy_ld, x_ld)
     ctx.launch(src, [-(-rows // 8)], [256], [dy, x, w, dx, dyxhat])
@@ -675,6 +695,30 @@ def _bthd(ctx, name, B, H, T, D, dtype) -> Tensor:
     return phys.transpose((0, 2, 1, 3))
 
 
+def _packed_grads(ctx, node, B, H, T, D, dtype):
+    """dQ, dK, dV as [B, H, T, D] views of the packed [B*T, 3C] gradient when each goes
+    Transpose(0, 2, 1, 3) -> Reshape -> one Concat along the last axis (the qkv split's
+    backward): the attention backward writes straight into it and the Concat copies nothing
+    (:func:`lower_concat` skips parts already in place). None when the graph differs."""
+    concat = None
+    for k, name in enumerate(node.output[:3]):
+        tr = _sole_consumer(ctx, name, "Transpose")
+        if tr is None or list(attr(tr, "perm", [])) != [0, 2, 1, 3]:
+            return None
+        rs = _sole_consumer(ctx, tr.output[0], "Reshape")
+        cat = _sole_consumer(ctx, rs.output[0], "Concat") if rs is not None else None
+        if cat is None or (concat is not None and cat is not concat) or list(cat.input).index(rs.output[0]) != k:
+            return None
+        concat = cat
+    if len(concat.input) != 3 or attr(concat, "axis", 0) not in (1, -1):
+        return None
+    C = H * D
+    packed = ctx.out(concat.output[0], (B * T, 3 * C), dtype)
+    if packed.dtype != np.dtype(dtype) or not packed.is_contiguous():
+        return None
+    return [packed.view((B, H, T, D), (T * 3 * C, D, 3 * C, 1), packed.offset + k * C) for k in range(3)]
+
+
 def _cudnn_ok(dtype) -> bool:
     """cuDNN's fused SDPA serves bf16 (it has no fp32 kernel); off with GRAPHC_CUDNN=0."""
     import os
@@ -789,7 +833,8 @@ def lower_attention_grad(ctx, node):
         raise GraphcError("model", f"node {node_label(node)}: AttentionGrad needs its forward Attention in the "
                           "same graph", "--backend")
     kind, stats = saved
-    dq, dk, dv = (_bthd(ctx, o, B, H, T, D, dy.dtype) for o in node.output[:3])
+    dq, dk, dv = _packed_grads(ctx, node, B, H, T, D, dy.dtype) or \
+        (_bthd(ctx, o, B, H, T, D, dy.dtype) for o in node.output[:3])
     if kind == "cudnn" and dy.strides == y.strides:
         from graphc.backends.cuda import attention
 
