@@ -50,6 +50,7 @@ def loss_ancestors(graph: onnx.GraphProto, loss: str) -> set[int]:
 
 class Recompute:
     name = "recompute"
+    fuses = False   # its clones are copies, not new fusions (the pass report does not count them)
 
     def __init__(self, loss: str = "loss"):
         self.loss = loss

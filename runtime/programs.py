@@ -193,6 +193,7 @@ class TrainStep(abc.ABC):
 
     params: DeviceParams
     grad_hooks: list[Callable[[GradBucket], None]]
+    setup_seconds: dict[str, float] | None = None   # what building it took, by phase (the time to the first step)
 
     @abc.abstractmethod
     def run(self, tokens: np.ndarray, targets: np.ndarray, *, t: int, lr: float) -> StepResult:

@@ -93,3 +93,43 @@ def test_recompute_gives_the_same_gradients_on_onnxruntime(precision):
     assert outs[0].keys() == outs[1].keys()
     for name in outs[0]:
         assert np.array_equal(np.asarray(outs[0][name]), np.asarray(outs[1][name])), name
+
+
+def _train_cli(capsys, tiny_shards, model, *extra):
+    from graphc.cli.main import main
+
+    code = main(["train", "--model", str(model), "--train-data", str(tiny_shards.train_path),
+                 "--val-data", str(tiny_shards.val_path), "-t", "16", "--steps", "4", "--val-every", "2",
+                 "--lr", "1e-3", *extra])
+    out = capsys.readouterr()
+    return code, [line.split(" (took")[0] for line in out.out.splitlines() if "loss" in line], out.err
+
+
+def test_total_batch_size_accumulates_micro_batches(tmp_path, tiny_shards, capsys):
+    """--total-batch-size 64 at -b 2 -t 16: two micro-batches per step, llm.c's data order,
+    so the run tracks -b 4 (same tokens per step; val over the same tokens) within float32
+    summation order;
+    --recompute changes nothing on onnxruntime (the same ops, recomputed)."""
+    from graphc.models.llmc import save_llmc
+
+    model = tmp_path / "m.bin"
+    save_llmc(random_init(CFG, seed=2), model)
+    code, accum, _ = _train_cli(capsys, tiny_shards, model, "-b", "2", "--total-batch-size", "64",
+                                  "--val-batches", "2")
+    assert code == 0
+    code, big, _ = _train_cli(capsys, tiny_shards, model, "-b", "4", "--val-batches", "1")
+    assert code == 0
+    code, recomputed, _ = _train_cli(capsys, tiny_shards, model, "-b", "2", "--total-batch-size", "64",
+                                       "--val-batches", "2", "--recompute")
+    assert code == 0 and recomputed == accum
+    assert len(accum) == len(big) == 4 + 3  # 4 steps, val before 0 and 2, and at the end
+    for a, b in zip(accum, big):
+        assert a.split("loss")[0] == b.split("loss")[0]   # "val " / "step S: train "
+        la, lb = float(a.split("loss ")[1].split()[0]), float(b.split("loss ")[1].split()[0])
+        assert abs(la - lb) < 2e-4, (a, b)
+
+
+def test_total_batch_size_must_be_a_multiple_of_the_batch(tmp_path, tiny_shards, capsys):
+    code, _, err = _train_cli(capsys, tiny_shards, "L2H2C64", "-b", "2", "--total-batch-size", "48")
+    assert code == 2
+    assert err.strip() == "error: --total-batch-size: 48 tokens is not a multiple of B*T = 2*16 = 32"
