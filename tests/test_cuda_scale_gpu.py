@@ -97,7 +97,11 @@ def test_validate_cuda_says_ok(cuda, tmp_path, capsys):
 
 
 def test_d48_step_runs(cuda):
-    """GPT-2 d48 (1.56B) trains on one H200: a real step at B8 T1024 bf16 with recompute."""
+    """GPT-2 d48 (1.56B) trains on one H200: real steps at B4 T1024 bf16 with recompute.
+
+    lr 1e-5: with no warmup, Adam's first steps move every weight by ~lr, and at 3e-5 and
+    above d48's loss rises over the first steps (measured: bench/results/gpu_d48_v1.log,
+    with and without recompute alike), as llm.c's runs of large models use warmup for."""
     from graphc.backends.cuda.train import memory_estimate
     from graphc.models.config import named_config
     from graphc.models.init import random_init
@@ -105,21 +109,22 @@ def test_d48_step_runs(cuda):
     from graphc.runtime.programs import TrainSpec
 
     cfg = named_config("d48")
-    spec = TrainSpec(8, 1024, precision="bf16", adamw=AdamWConfig(lr=1e-4, grad_clip=1.0), recompute=True)
+    lr = 1e-5
+    spec = TrainSpec(4, 1024, precision="bf16", adamw=AdamWConfig(lr=lr, grad_clip=1.0), recompute=True)
     est = memory_estimate(cfg, spec)
     t0 = time.perf_counter()
     params = random_init(cfg, seed=0)
     t1 = time.perf_counter()
     step = cuda.train_step(cuda.upload_params(params), spec)
     t2 = time.perf_counter()
-    data = batches(8, 1024, 3)
+    data = batches(4, 1024, 4)
     losses, ms = [], []
     for s, (x, y) in enumerate(data):
         a = time.perf_counter()
-        losses.append(step.run(x, y, t=s + 1, lr=1e-4).loss)
+        losses.append(step.run(x, y, t=s + 1, lr=lr).loss)
         ms.append((time.perf_counter() - a) * 1000)
     free, total = cuda.rt.mem_info()
-    print(f"\nd48 B8 T1024 bf16 recompute: losses {losses}, ms/step {[round(m, 1) for m in ms]}, "
+    print(f"\nd48 B4 T1024 bf16 recompute: losses {losses}, ms/step {[round(m, 1) for m in ms]}, "
           f"init {t1 - t0:.1f} s, setup {t2 - t1:.1f} s {step.setup_seconds}, "
           f"estimate {est['total'] / 2**30:.1f} GiB, device used {(total - free) / 2**30:.1f} GiB")
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5
