@@ -604,12 +604,28 @@ extern "C" __global__ void sumsq_final(const double* __restrict__ part, float* _
     return src, ("sumsq_partial", "sumsq_final")
 
 
+def accumulate(n: int, scale: float, first: bool):
+    """Gradient accumulation: ``acc = (first ? 0 : acc) + g * scale`` in float32 with two
+    roundings (no FMA), as ``runtime.programs.accumulate`` does on the host."""
+    f = lit(np.float32(scale), np.float32)
+    body = f"__fmul_rn(g[i], {f})" if first else f"__fadd_rn(acc[i], __fmul_rn(g[i], {f}))"
+    src = PRELUDE + f"""
+extern "C" __global__ void accumulate_{'first' if first else 'add'}(float* __restrict__ acc, const float* __restrict__ g) {{
+  i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < {n}LL) acc[i] = {body};
+}}
+"""
+    return src, f"accumulate_{'first' if first else 'add'}"
+
+
 def adamw(n: int, beta1: float, beta2: float, eps: float, weight_decay: float, grad_clip: float, masked: bool):
     """llm.c's AdamW over flat fp32 buffers, in numpy's operation order (runtime/optimizer.py).
 
     ``hyper`` (device memory) holds [lr, t, grad_norm]: changing the learning rate or the
     step writes 8 bytes and replays the same CUDA graph. With ``grad_clip`` > 0 the
-    gradient is scaled by clip / norm when the norm exceeds clip."""
+    gradient is scaled by clip / norm when the norm exceeds clip. A non-finite norm (any
+    NaN / inf gradient) skips the update, so the device keeps the last good weights and
+    moments for the trainer's non-finite stop."""
     f = lambda x: lit(x, np.float32)  # noqa: E731
     src = PRELUDE + f"""
 extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
@@ -617,6 +633,7 @@ extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict_
   i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= {n}LL) return;
   const float lr = hyper[0], t = hyper[1];
+  if (!isfinite(hyper[2])) return;  // a non-finite gradient: the weights and moments keep the last good step
   float gi = g[i];
   {f"const float norm = hyper[2]; if (norm > {f(grad_clip)}) gi = gi * ({f(grad_clip)} / norm);" if grad_clip > 0 else ""}
   const float bc1 = 1.f - powf({f(beta1)}, t), bc2 = 1.f - powf({f(beta2)}, t);

@@ -903,14 +903,18 @@ def _sole_consumer(ctx, name, op_type, domain=""):
 
 
 def _gelu_epilogue(ctx, name):
-    """(Gelu node, keeps aux?) when the GEMM output feeds a tanh Gelu (and at most the
-    GeluGrad that needs the pre-activation): cuBLASLt's GELU(_AUX)(_BIAS) epilogue."""
+    """(Gelu node, keeps aux?) when the GEMM output feeds a tanh Gelu (and otherwise at most
+    the GeluGrad that needs the pre-activation, or the Gelu that ``passes/recompute.py``
+    clones for the backward, which reads it too): cuBLASLt's GELU(_AUX)(_BIAS) epilogue
+    for the first Gelu, the others then reading the kept pre-activation (aux)."""
     users = ctx.consumers.get(name, [])
     if name in ctx.graph_outputs:
         return None
     gelus = [u for u in users if u.op_type == "Gelu" and not u.domain and attr(u, "approximate", "none") == "tanh"]
-    others = [u for u in users if u not in gelus]
-    if len(gelus) != 1 or any(not (u.op_type == "GeluGrad" and u.input[1] == name) for u in others):
+    if not gelus:
+        return None
+    others = [u for u in users if u is not gelus[0]]
+    if any(not ((u.op_type == "GeluGrad" and u.input[1] == name) or u in gelus) for u in others):
         return None
     return gelus[0], bool(others)
 
