@@ -1088,7 +1088,7 @@ def _flat_casts(ctx, where) -> list:
         storage, dt, n = found
         to = tos.pop()
         src = Tensor(storage, (n,), (1,), dt)
-        low = ctx.fresh((n,), to, "weights", f"{storage.name}:{to.name}")
+        low = ctx.fresh((n,), to, "low-precision", f"{storage.name}:{to.name}")
         ctx.copy(src, low)
         ctx.program.steps[-1].node = f"flat-cast:{storage.name}"
         for node, x, _ in group:
@@ -1102,7 +1102,7 @@ def _flat_casts(ctx, where) -> list:
             continue
         storage, dt, n = found
         low_dt = lows.pop()
-        flat = ctx.fresh((n,), low_dt, "grad", f"{storage.name}:{low_dt.name}")
+        flat = ctx.fresh((n,), low_dt, "low-precision", f"{storage.name}:{low_dt.name}")
         pairs = []
         for node, t in group:
             low = flat.view(t.shape, t.strides, t.offset)
