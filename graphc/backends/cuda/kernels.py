@@ -151,6 +151,26 @@ extern "C" __global__ void ln_fwd(const {ctype(x_dt)}* __restrict__ x, const {ct
     return src, "ln_fwd"
 
 
+def _ln_bwd_row_terms(C: int, eps: float, dy_ld: int, x_ld: int, indent: str) -> str:
+    """The layer-norm backward's per-row terms, one warp per row (both backward kernels):
+    offsets xo / go / oo, mean and rstd (two passes over x), m1 = mean(g), m2 = mean(g xhat)
+    with g = dY w."""
+    body = f"""const i64 xo = (i64)row * {x_ld}LL, go = (i64)row * {dy_ld}LL, oo = (i64)row * {C}LL;
+float s = 0.f;
+for (int c = lane; c < {C}; c += 32) s += ld(x, xo + c);
+const float mean = warp_sum(s) / {C}.f;
+float v = 0.f;
+for (int c = lane; c < {C}; c += 32) {{ float d = ld(x, xo + c) - mean; v += d * d; }}
+const float rstd = 1.f / sqrtf(warp_sum(v) / {C}.f + {lit(eps, np.float32)});
+float m1 = 0.f, m2 = 0.f;
+for (int c = lane; c < {C}; c += 32) {{
+  float xhat = (ld(x, xo + c) - mean) * rstd, g = ld(dy, go + c) * ld(w, c);
+  m1 += g; m2 += g * xhat;
+}}
+m1 = warp_sum(m1) / {C}.f; m2 = warp_sum(m2) / {C}.f;"""
+    return "\n".join(indent + line for line in body.split("\n"))
+
+
 def layernorm_bwd(rows: int, C: int, dy_dt, x_dt, w_dt, dx_dt, eps: float, dy_ld: int, x_ld: int):
     """One warp per row: dX, and dY*xhat (fp32, [rows, C]) for the weight gradient's column sum."""
     src = PRELUDE + f"""
@@ -159,19 +179,7 @@ extern "C" __global__ void ln_bwd(const {ctype(dy_dt)}* __restrict__ dy, const {
                                   float* __restrict__ dyxhat) {{
   int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= {rows}) return;
-  const i64 xo = (i64)row * {x_ld}LL, go = (i64)row * {dy_ld}LL, oo = (i64)row * {C}LL;
-  float s = 0.f;
-  for (int c = lane; c < {C}; c += 32) s += ld(x, xo + c);
-  const float mean = warp_sum(s) / {C}.f;
-  float v = 0.f;
-  for (int c = lane; c < {C}; c += 32) {{ float d = ld(x, xo + c) - mean; v += d * d; }}
-  const float rstd = 1.f / sqrtf(warp_sum(v) / {C}.f + {lit(eps, np.float32)});
-  float m1 = 0.f, m2 = 0.f;
-  for (int c = lane; c < {C}; c += 32) {{
-    float xhat = (ld(x, xo + c) - mean) * rstd, g = ld(dy, go + c) * ld(w, c);
-    m1 += g; m2 += g * xhat;
-  }}
-  m1 = warp_sum(m1) / {C}.f; m2 = warp_sum(m2) / {C}.f;
+{_ln_bwd_row_terms(C, eps, dy_ld, x_ld, "  ")}
   for (int c = lane; c < {C}; c += 32) {{
     float xhat = (ld(x, xo + c) - mean) * rstd, d = ld(dy, go + c), g = d * ld(w, c);
     st(dx, oo + c, (g - m1 - xhat * m2) * rstd);
@@ -208,19 +216,7 @@ extern "C" __global__ void ln_bwd_part(const {ctype(dy_dt)}* __restrict__ dy, co
   #pragma unroll
   for (int k = 0; k < {nc}; ++k) {{ aw[k] = 0.f; ab[k] = 0.f; }}
   for (int row = r0 + wid; row < r1; row += 8) {{
-    const i64 xo = (i64)row * {x_ld}LL, go = (i64)row * {dy_ld}LL, oo = (i64)row * {C}LL;
-    float s = 0.f;
-    for (int c = lane; c < {C}; c += 32) s += ld(x, xo + c);
-    const float mean = warp_sum(s) / {C}.f;
-    float v = 0.f;
-    for (int c = lane; c < {C}; c += 32) {{ float d = ld(x, xo + c) - mean; v += d * d; }}
-    const float rstd = 1.f / sqrtf(warp_sum(v) / {C}.f + {lit(eps, np.float32)});
-    float m1 = 0.f, m2 = 0.f;
-    for (int c = lane; c < {C}; c += 32) {{
-      float xhat = (ld(x, xo + c) - mean) * rstd, g = ld(dy, go + c) * ld(w, c);
-      m1 += g; m2 += g * xhat;
-    }}
-    m1 = warp_sum(m1) / {C}.f; m2 = warp_sum(m2) / {C}.f;
+{_ln_bwd_row_terms(C, eps, dy_ld, x_ld, "    ")}
     #pragma unroll
     for (int k = 0; k < {nc}; ++k) {{
       const int c = lane + 32 * k;
