@@ -644,6 +644,31 @@ extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict_
     return src, "adamw"
 
 
+# The fused classifier's online softmax: merging two (max, sum of exp(x - max)) pairs, and
+# the block's merge in fixed order (lanes by xor-shuffle, then warps in order) ending with
+# the row's loss; ``sm[0]``, ``ss[0]`` then hold the row's (max, sum) for the gradient pass.
+CE_COMBINE = """__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
+  float mm = fmaxf(m, m2);
+  s = s * expf(m - mm) + s2 * expf(m2 - mm);
+  m = mm;
+}
+"""
+CE_BLOCK_LOSS = """  for (int o = 16; o > 0; o >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    combine(m, s, m2, s2);
+  }
+  if (lane == 0) { sm[wid] = m; ss[wid] = s; }
+  __syncthreads();
+  if (tid == 0) {
+    float M = sm[0], S = ss[0];
+    for (int w = 1; w < nw; ++w) combine(M, S, sm[w], ss[w]);
+    sm[0] = M; ss[0] = S;
+    losses[row] = logf(S) + M - ld(z, zo + ld(tgt, row));
+  }
+  __syncthreads();
+"""
+
+
 def cross_entropy_fused(rows: int, V: int, z_dt, t_dt, z_ld: int, dz_dt=None, dz_ld: int = 0, dz_cols: int = 0,
                         grad_scale: float = 0.0):
     """llm.c's fused classifier: one block per row reads the logits once for an online
@@ -653,12 +678,7 @@ def cross_entropy_fused(rows: int, V: int, z_dt, t_dt, z_ld: int, dz_dt=None, dz
     :func:`cross_entropy`) then averages the row losses in a fixed order."""
     grad = dz_dt is not None
     src = PRELUDE + f"""
-__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {{
-  float mm = fmaxf(m, m2);
-  s = s * expf(m - mm) + s2 * expf(m2 - mm);
-  m = mm;
-}}
-extern "C" __global__ void ce_fused(const {ctype(z_dt)}* __restrict__ z, const {ctype(t_dt)}* __restrict__ tgt,
+{CE_COMBINE}extern "C" __global__ void ce_fused(const {ctype(z_dt)}* __restrict__ z, const {ctype(t_dt)}* __restrict__ tgt,
                                     float* __restrict__ losses{f", {ctype(dz_dt)}* __restrict__ dz" if grad else ""}) {{
   __shared__ float sm[32], ss[32];
   const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32, wid = tid / 32, nw = blockDim.x / 32;
@@ -668,20 +688,7 @@ extern "C" __global__ void ce_fused(const {ctype(z_dt)}* __restrict__ z, const {
     float x = ld(z, zo + c);
     if (x > m) {{ s = s * expf(m - x) + 1.f; m = x; }} else {{ s += expf(x - m); }}
   }}
-  for (int o = 16; o > 0; o >>= 1) {{
-    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-    combine(m, s, m2, s2);
-  }}
-  if (lane == 0) {{ sm[wid] = m; ss[wid] = s; }}
-  __syncthreads();
-  if (tid == 0) {{
-    float M = sm[0], S = ss[0];
-    for (int w = 1; w < nw; ++w) combine(M, S, sm[w], ss[w]);
-    sm[0] = M; ss[0] = S;
-    losses[row] = logf(S) + M - ld(z, zo + ld(tgt, row));
-  }}
-  __syncthreads();
-  {"" if not grad else f'''const float M = sm[0], inv = 1.f / ss[0];
+{CE_BLOCK_LOSS}  {"" if not grad else f'''const float M = sm[0], inv = 1.f / ss[0];
   const int t = (int)ld(tgt, row);
   const i64 go = (i64)row * {dz_ld}LL;
   for (int c = tid; c < {dz_cols}; c += blockDim.x) {{
@@ -749,12 +756,7 @@ def cross_entropy_fused_vec(rows: int, V: int, z_dt, t_dt, z_ld: int, grad: bool
     stv(dz, go + c0, f);
   }}"""
     src = PRELUDE + VEC_IO + f"""
-__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {{
-  float mm = fmaxf(m, m2);
-  s = s * expf(m - mm) + s2 * expf(m2 - mm);
-  m = mm;
-}}
-extern "C" __global__ void ce_fused_vec(const {zt}* __restrict__ z, const {ctype(t_dt)}* __restrict__ tgt,
+{CE_COMBINE}extern "C" __global__ void ce_fused_vec(const {zt}* __restrict__ z, const {ctype(t_dt)}* __restrict__ tgt,
                                         float* __restrict__ losses{f", {zt}* __restrict__ dz" if grad else ""}) {{
   __shared__ float sm[32], ss[32];
   const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32, wid = tid / 32, nw = blockDim.x / 32;
@@ -773,20 +775,7 @@ extern "C" __global__ void ce_fused_vec(const {zt}* __restrict__ z, const {ctype
     s = s * expf(m - nm) + add;
     m = nm;
   }}
-  for (int o = 16; o > 0; o >>= 1) {{
-    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-    combine(m, s, m2, s2);
-  }}
-  if (lane == 0) {{ sm[wid] = m; ss[wid] = s; }}
-  __syncthreads();
-  if (tid == 0) {{
-    float M = sm[0], S = ss[0];
-    for (int w = 1; w < nw; ++w) combine(M, S, sm[w], ss[w]);
-    sm[0] = M; ss[0] = S;
-    losses[row] = logf(S) + M - ld(z, zo + ld(tgt, row));
-  }}
-  __syncthreads();
-  {grad_src}
+{CE_BLOCK_LOSS}  {grad_src}
 }}
 """
     return src, "ce_fused_vec"
