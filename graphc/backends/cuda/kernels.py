@@ -131,6 +131,17 @@ def elementwise(expr: str, shape, out, ins) -> tuple[str, str]:
     return src, name
 
 
+def _ln_row_stats(C: int, eps: float, indent: str) -> str:
+    """A warp's mean and rstd of row x[xo : xo + C] (two passes, fp32): every layer-norm kernel."""
+    body = f"""float s = 0.f;
+for (int c = lane; c < {C}; c += 32) s += ld(x, xo + c);
+const float mean = warp_sum(s) / {C}.f;
+float v = 0.f;
+for (int c = lane; c < {C}; c += 32) {{ float d = ld(x, xo + c) - mean; v += d * d; }}
+const float rstd = 1.f / sqrtf(warp_sum(v) / {C}.f + {lit(eps, np.float32)});"""
+    return "\n".join(indent + line for line in body.split("\n"))
+
+
 def layernorm_fwd(rows: int, C: int, x_dt, w_dt, y_dt, eps: float, x_ld: int, y_ld: int):
     """One warp per row: fp32 mean and variance (two passes over the row), y = xhat w + b."""
     src = PRELUDE + f"""
@@ -139,12 +150,7 @@ extern "C" __global__ void ln_fwd(const {ctype(x_dt)}* __restrict__ x, const {ct
   int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= {rows}) return;
   const i64 xo = (i64)row * {x_ld}LL, yo = (i64)row * {y_ld}LL;
-  float s = 0.f;
-  for (int c = lane; c < {C}; c += 32) s += ld(x, xo + c);
-  const float mean = warp_sum(s) / {C}.f;
-  float v = 0.f;
-  for (int c = lane; c < {C}; c += 32) {{ float d = ld(x, xo + c) - mean; v += d * d; }}
-  const float rstd = 1.f / sqrtf(warp_sum(v) / {C}.f + {lit(eps, np.float32)});
+{_ln_row_stats(C, eps, "  ")}
   for (int c = lane; c < {C}; c += 32) st(y, yo + c, (ld(x, xo + c) - mean) * rstd * ld(w, c) + ld(b, c));
 }}
 """
@@ -156,12 +162,7 @@ def _ln_bwd_row_terms(C: int, eps: float, dy_ld: int, x_ld: int, indent: str) ->
     offsets xo / go / oo, mean and rstd (two passes over x), m1 = mean(g), m2 = mean(g xhat)
     with g = dY w."""
     body = f"""const i64 xo = (i64)row * {x_ld}LL, go = (i64)row * {dy_ld}LL, oo = (i64)row * {C}LL;
-float s = 0.f;
-for (int c = lane; c < {C}; c += 32) s += ld(x, xo + c);
-const float mean = warp_sum(s) / {C}.f;
-float v = 0.f;
-for (int c = lane; c < {C}; c += 32) {{ float d = ld(x, xo + c) - mean; v += d * d; }}
-const float rstd = 1.f / sqrtf(warp_sum(v) / {C}.f + {lit(eps, np.float32)});
+{_ln_row_stats(C, eps, "")}
 float m1 = 0.f, m2 = 0.f;
 for (int c = lane; c < {C}; c += 32) {{
   float xhat = (ld(x, xo + c) - mean) * rstd, g = ld(dy, go + c) * ld(w, c);
