@@ -43,6 +43,37 @@ def test_every_decode_kernel_compiles(precision, tmp_path, monkeypatch):
             assert compile_cubin(src, "sm_90", use_cache=False)[:4] == b"\x7fELF", name
 
 
+def test_every_tensor_core_gemm_compiles(tmp_path, monkeypatch):
+    pytest.importorskip("cuda.core", reason="cuda-core (NVRTC) is not installed")
+    from ml_dtypes import bfloat16
+
+    from graphc.backends.cuda import decode_mma as MMA
+    from graphc.runtime.cuda.modules import compile_cubin
+
+    monkeypatch.setenv("GRAPHC_KERNEL_CACHE", str(tmp_path))
+    sources = set()
+    for cfg in _configs():
+        C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+        for K, N, ln, epi in ((C, 3 * C, True, "qkv"), (C, C, False, "residual"), (C, 4 * C, True, "gelu"),
+                              (4 * C, C, False, "residual"), (C, V, True, "plain")):
+            sources.add(MMA.mma_gemm(K, N, ln=ln, epilogue=epi, heads=H, capacity=1024, cache_dtype=np.dtype(bfloat16)))
+    for src, name in sorted(sources):
+        assert compile_cubin(src, "sm_90", use_cache=False)[:4] == b"\x7fELF", name
+
+
+def test_tensor_core_gemm_split_depends_on_shapes_only():
+    """The K split (warps) and columns per block depend on K and N; only grid.y follows M."""
+    from graphc.backends.cuda import decode_mma as MMA
+
+    assert MMA.mma_warps(768) == 8 and MMA.mma_warps(3072) == 8 and MMA.mma_warps(128) == 4
+    for M in (1, 16, 64, 512):
+        grid, block = MMA.mma_shape(768, 2304, M)
+        assert grid[0] == 144 and block == (256,)
+    assert MMA.mma_shape(768, 2304, 64)[0][1] == 1 and MMA.mma_shape(768, 2304, 512)[0][1] == 8
+    with pytest.raises(ValueError, match="K % 32"):
+        MMA.mma_warps(48)
+
+
 def test_gemv_work_split():
     from graphc.backends.cuda import decode_kernels as DK
 

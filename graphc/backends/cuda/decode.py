@@ -27,6 +27,7 @@ import dataclasses
 import numpy as np
 
 from graphc.backends.cuda import decode_kernels as DK
+from graphc.backends.cuda import decode_mma as MMA
 from graphc.backends.cuda.program import KernelStep
 from graphc.errors import GraphcError
 from graphc.runtime.decode import DecodeSpec, Decoder, Sampled, log_softmax, top_logprobs
@@ -103,6 +104,9 @@ class CudaDecoder(Decoder):
         rt = backend.rt
         self.wdtype = _bf16() if spec.precision == "bf16" else np.dtype(np.float32)
         self.cdtype = self.wdtype
+        # bf16: every row GEMM on the tensor cores (for every row count, so a sequence's
+        # arithmetic is the same alone or in a batch); fp32 keeps the exact CUDA-core GEMV.
+        self.tensor_cores = spec.precision == "bf16"
         flat = params.flat
         self.weights = flat if self.wdtype == np.float32 else backend.upload(
             flat.to_numpy().astype(self.wdtype))
@@ -154,9 +158,14 @@ class CudaDecoder(Decoder):
         steps = []
 
         def gemv(K, N, ln, epi, x, rowmap, lnw, lnb, w, bias, out, rows, kc=0, vc=0):
-            r, c, grid, block = DK.gemv_shape(N, rows)
-            src, name = DK.gemv(K, N, self.wdtype, ln=ln, epilogue=epi, eps=eps, heads=H, capacity=cap,
-                                cache_dtype=self.cdtype, rows=r, cols=c)
+            if self.tensor_cores:
+                grid, block = MMA.mma_shape(K, N, rows)
+                src, name = MMA.mma_gemm(K, N, ln=ln, epilogue=epi, eps=eps, heads=H, capacity=cap,
+                                         cache_dtype=self.cdtype)
+            else:
+                r, c, grid, block = DK.gemv_shape(N, rows)
+                src, name = DK.gemv(K, N, self.wdtype, ln=ln, epilogue=epi, eps=eps, heads=H, capacity=cap,
+                                    cache_dtype=self.cdtype, rows=r, cols=c)
             steps.append(KernelStep(src, name, grid, block,
                                     [I(x), I(rowmap), I(lnw), I(lnb), I(w), I(bias), I(out), I(rows),
                                      I(slot), I(pos), I(kc), I(vc)], node=name))

@@ -59,6 +59,32 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 """ % {"S": float(np.float32(GELU_S)), "A": float(np.float32(GELU_A))}
 
 
+def epilogue_code(epilogue: str, N: int, heads: int, capacity: int, CT: str) -> tuple[str, str]:
+    """(store statement, bias term) of a row kernel's epilogue for output (row ``m``, column
+    ``n``) with value ``v``: the one definition the CUDA-core GEMV and the tensor-core GEMM share.
+    ``qkv`` writes columns [0, C) to ``out`` [M, C] and the K / V columns into the caches at
+    (row_slot[m], row_pos[m])."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown epilogue {epilogue!r}")
+    C = N // 3 if epilogue == "qkv" else N
+    D = C // heads if heads else 0
+    if epilogue == "qkv":
+        store = f"""
+          if (n < {C}) out[m * {C}LL + n] = v;
+          else {{
+            const i64 nn = (n - {C}) % {C}, h = nn / {D}, d = nn % {D};
+            {CT}* cache = n < {2 * C} ? k_cache : v_cache;
+            st(cache, (((i64)row_slot[m] * {heads} + h) * {capacity} + row_pos[m]) * {D} + d, v);
+          }}"""
+    elif epilogue == "residual":
+        store = f"out[m * {N}LL + n] += v;"
+    elif epilogue == "gelu":
+        store = f"out[m * {N}LL + n] = gelu_tanh(v);"
+    else:
+        store = f"out[m * {N}LL + n] = v;"
+    return store, ("" if epilogue == "plain" else " + bias[n]")
+
+
 def gemv_shape(N: int, M: int) -> tuple[int, int, tuple, tuple]:
     """(rows per block, columns per warp, grid, block) for ``M`` rows of an ``N``-column GEMV.
 
@@ -87,23 +113,7 @@ def gemv(K: int, N: int, wdtype, *, ln: bool, epilogue: str, eps: float = 1e-5, 
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}")
     W, CT = ctype(wdtype), ctype(cache_dtype)
-    C = N // 3 if epilogue == "qkv" else N
-    D = C // heads if heads else 0
-    if epilogue == "qkv":
-        store = f"""
-          if (n < {C}) out[m * {C}LL + n] = v;
-          else {{
-            const i64 nn = (n - {C}) % {C}, h = nn / {D}, d = nn % {D};
-            {CT}* cache = n < {2 * C} ? k_cache : v_cache;
-            st(cache, (((i64)row_slot[m] * {heads} + h) * {capacity} + row_pos[m]) * {D} + d, v);
-          }}"""
-    elif epilogue == "residual":
-        store = f"out[m * {N}LL + n] += v;"
-    elif epilogue == "gelu":
-        store = f"out[m * {N}LL + n] = gelu_tanh(v);"
-    else:
-        store = f"out[m * {N}LL + n] = v;"
-    add_bias = "" if epilogue == "plain" else " + bias[n]"
+    store, add_bias = epilogue_code(epilogue, N, heads, capacity, CT)
     name = f"gemv_{epilogue}{'_ln' if ln else ''}_r{rows}c{cols}"
     src = PRELUDE + _LOAD8 + f"""
 extern "C" __global__ void __launch_bounds__({32 * WARPS}) {name}(
