@@ -23,6 +23,8 @@ matrices (and the embedding) are bf16 copies of the fp32 parameters and the cach
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from graphc.runtime.decode import DecodeSpec, Decoder, Sampled, log_softmax, top
 from graphc.runtime.sampling import Sampler
 
 PREFILL_CHUNK = 512          # rows per prefill pass
+PDL = os.environ.get("GRAPHC_PDL", "1") != "0"   # programmatic dependent launch between decode kernels
 MATRICES = ("wte", "qkvw", "attprojw", "fcw", "fcprojw")
 
 
@@ -132,7 +135,17 @@ class CudaDecoder(Decoder):
         self.seqs: dict[int, _Seq] = {}
         self._graphs: dict[int, object] = {}
         self._passes: dict[tuple, list] = {}
+        self._thread = threading.get_ident()
         assert isinstance(self.x, DeviceBuffer)
+
+    def _on_this_thread(self) -> None:
+        """Make the device's context current on the calling thread: the server builds the
+        decoder on the main thread and drives it from its engine thread, and a CUDA context
+        is current per thread (a call from a thread without it fails with an invalid context)."""
+        tid = threading.get_ident()
+        if tid != self._thread:
+            self.rt.device.set_current()
+            self._thread = tid
 
     # ------------------------------------------------------------------ addresses
     def _p(self, name: str, layer: int | None = None) -> int:
@@ -197,6 +210,8 @@ class CudaDecoder(Decoder):
                                  I(meta.ptr("s_topp")), I(meta.ptr("s_seed")), I(meta.ptr("s_counter")),
                                  I(meta.ptr("s_slot")), I(meta.out_device.ptr), I(self.last_token.ptr)],
                                 node="sample"))
+        for step in steps[1:]:    # each kernel's prologue overlaps its predecessor (the embed follows a copy)
+            step.pdl = PDL
         for step in steps:
             step.prepare(self.rt, self.backend.modules)
         self._passes[key] = steps
@@ -266,6 +281,7 @@ class CudaDecoder(Decoder):
         return self.seqs[slot].length
 
     def add(self, prompt, sampler: Sampler, *, logprobs: int | None = None):
+        self._on_this_thread()
         n = len(prompt)
         slot = self.admit(n)
         V = self.cfg.vocab_size
@@ -282,6 +298,7 @@ class CudaDecoder(Decoder):
 
         if not self.seqs:
             return {}
+        self._on_this_thread()
         slots = self.live
         for s in slots:
             if self.seqs[s].length >= self.spec.capacity:
@@ -304,6 +321,7 @@ class CudaDecoder(Decoder):
         return out
 
     def score(self, prompt, logprobs: int = 0):
+        self._on_this_thread()
         cfg = self.cfg
         if not 1 <= len(prompt) <= min(cfg.max_seq_len, self.spec.capacity):
             raise GraphcError(None, f"prompt of {len(prompt)} tokens: the model takes 1..{self.spec.capacity}",

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphc.backends.cuda.decode_kernels import _LOAD8, EPILOGUES, epilogue_code
+from graphc.backends.cuda.decode_kernels import _LOAD8, EPILOGUES, PDL_WAIT, epilogue_code
 from graphc.backends.cuda.kernels import PRELUDE, ctype
 
 KCHUNK = 32           # K per chunk: two m16n8k16 steps
@@ -47,9 +47,10 @@ def mma_warps(K: int) -> int:
 
 
 def mma_tiles_n(N: int) -> int:
-    """n8 tiles per warp (columns per block / 8): two for wide outputs (halves the activation
-    reads per weight), one otherwise (more blocks for the narrow projections)."""
-    return 2 if N >= 2304 else 1
+    """n8 tiles per warp (columns per block / 8): four for the LM head, two for the wide
+    layer outputs (fewer blocks re-reading the same activation rows and recomputing their
+    layer-norm statistics), one for the narrow projections (more blocks in flight)."""
+    return 4 if N >= 8192 else 2 if N >= 2304 else 1
 
 
 def mma_shape(K: int, N: int, M: int) -> tuple[tuple, tuple]:
@@ -106,6 +107,7 @@ extern "C" __global__ void __launch_bounds__({32 * NW}) {name}(
       wr[nt][c] = n < {N} ? *reinterpret_cast<const uint4*>(w + n * {K}LL + k) : make_uint4(0u, 0u, 0u, 0u);
     }}
   }}
+  {PDL_WAIT}   // the weights above are in flight while the previous kernel finishes
   const i64 tiles = (M + {TILE_M - 1}) / {TILE_M};
   for (i64 tile = blockIdx.y; tile < tiles; tile += gridDim.y) {{
     const i64 m0 = tile * {TILE_M};
@@ -120,11 +122,14 @@ extern "C" __global__ void __launch_bounds__({32 * NW}) {name}(
         const int row = s_row[r];
         if (row < 0) continue;
         const float* xr = x + (i64)row * {K};
+        float xv[{K // 32}];   // the row read once, both passes from registers
         float s = 0.f;
-        for (int k = lane; k < {K}; k += 32) s += xr[k];
+        #pragma unroll
+        for (int i = 0; i < {K // 32}; ++i) {{ xv[i] = xr[lane + 32 * i]; s += xv[i]; }}
         const float mean = warp_sum(s) / {K}.f;
         float q = 0.f;
-        for (int k = lane; k < {K}; k += 32) {{ const float d = xr[k] - mean; q += d * d; }}
+        #pragma unroll
+        for (int i = 0; i < {K // 32}; ++i) {{ const float d = xv[i] - mean; q += d * d; }}
         const float var = warp_sum(q) / {K}.f;
         if (lane == 0) {{ s_mean[r] = mean; s_rstd[r] = 1.0f / sqrtf(var + {epsf!r}f); }}
       }}
