@@ -141,6 +141,30 @@ def test_batch_invariance(small, precision):
 
 
 @gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_prefill_beside_running_rows_is_batch_invariant(cuda, small, precision):
+    """Prompts submitted while others decode are prefilled a few rows per step in the same
+    pass as the decode rows (3 here: prompts span steps, two share one); every sequence, the
+    running ones included, gets exactly the tokens it gets alone (seeded sampling)."""
+    from helpers import decode_alone, decode_submitted_while_running
+
+    from graphc.runtime.decode import DecodeSpec
+    from graphc.runtime.sampling import Sampler
+
+    dev = cuda.upload_params(small)
+
+    def make():
+        dec = cuda.decoder(dev, DecodeSpec(4, 64, precision))
+        dec.prefill_per_step = 3
+        return dec
+
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[3], PROMPTS[1]]
+    sampler = lambda i: Sampler(temperature=1.0, top_k=40, seed=21 + i)  # noqa: E731
+    alone = [decode_alone(make, p, 8, sampler(i)) for i, p in enumerate(prompts)]
+    assert decode_submitted_while_running(make(), prompts, 8, sampler) == alone
+
+
+@gpu
 def test_prompt_logprobs_match_onnxruntime(cuda, small):
     from graphc.backends import get_backend
     from graphc.runtime.decode import DecodeSpec
