@@ -200,6 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--graphc-only", action="store_true", help="skip PyTorch and HF (their figures: earlier runs)")
     args = ap.parse_args(argv)
     from graphc.models.config import named_config
     from graphc.models.init import random_init
@@ -215,8 +216,8 @@ def main(argv=None) -> None:
         del dec
         step_rs, replay_rs, dec, be = graphc_rows(batch, 16 + args.steps, args.steps, params)
         del dec
-        t = torch_rows(batch, args.steps, args.compile)
-        hf = hf_rows(batch, args.steps) if batch <= 16 else None
+        t = {} if args.graphc_only else torch_rows(batch, args.steps, args.compile)
+        hf = hf_rows(batch, args.steps) if batch <= 16 and not args.graphc_only else None
         rows.append((batch, step_ms, replay_ms, step_rs, replay_rs, t, hf))
         print(f"batch {batch}: graphc step {step_ms:.3f} replay {replay_ms:.3f} | right-sized step {step_rs:.3f} "
               f"replay {replay_rs:.3f} | torch {t} | hf {hf}", flush=True)

@@ -48,7 +48,8 @@ def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int
     stamps = []
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     with http.stream("POST", url + "/v1/completions", json=body, timeout=max(deadline - t0, 1)) as r:
-        r.raise_for_status()
+        if r.is_error:   # the server's one-line error says why (the status alone does not)
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:500]}")
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 if json.loads(line[6:])["choices"]:

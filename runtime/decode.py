@@ -11,6 +11,12 @@ backend). Sequences come and go independently:
   the whole batch, each row at its own length and position, each sampled by its own sampler;
 * :meth:`Decoder.remove` frees a slot for the next request.
 
+:meth:`Decoder.submit` is the non-blocking form of ``add`` that a server uses: it reserves
+the slot and returns at once; the first token comes out of a later ``step()`` like any other
+token. A backend with *chunked prefill* (the CUDA decoder) advances queued prompts a chunk
+per step, in the same pass as the running sequences' decode rows, so a long prompt does not
+stall them; the default here prefills at once and hands the first token out with the next step.
+
 Because every sequence has its own length, position and random stream, a sequence's
 tokens do not depend on what else shares the batch (given batch-invariant kernels).
 
@@ -95,7 +101,27 @@ class Decoder(abc.ABC):
 
     @abc.abstractmethod
     def step(self) -> dict[int, Sampled]:
-        """One new token for every live slot: {slot: token}."""
+        """One new token for every live slot: {slot: token}. A submitted sequence's first
+        token appears in the step that finishes its prefill; until then it has no entry."""
+
+    def submit(self, prompt: list[int], sampler: Sampler, *, logprobs: int | None = None) -> int:
+        """Reserve a slot for ``prompt`` and return it at once; its first token comes out of
+        a later :meth:`step`. Errors (the prompt does not fit, no free slot) as ``add``.
+
+        Default: prefill now (``add``) and hold the first token for the next step;
+        :meth:`_take_held` gives a ``step`` the held tokens (their slots skip that step)."""
+        slot, first = self.add(prompt, sampler, logprobs=logprobs)
+        self._held_tokens()[slot] = first
+        return slot
+
+    def _held_tokens(self) -> dict[int, Sampled]:
+        if "_held" not in self.__dict__:
+            self._held: dict[int, Sampled] = {}
+        return self._held
+
+    def _take_held(self) -> dict[int, Sampled]:
+        held, self._held = dict(self._held_tokens()), {}
+        return held
 
     @abc.abstractmethod
     def score(self, prompt: list[int], logprobs: int = 0) -> list[Sampled | None]:
@@ -191,19 +217,23 @@ class GraphDecoder(Decoder):
         return slot, first
 
     def step(self) -> dict[int, Sampled]:
-        if not self.seqs:
-            return {}
+        held = self._take_held()          # submitted sequences: their first token, no decode yet
+        running = {slot: seq for slot, seq in self.seqs.items() if slot not in held}
+        if not running:
+            return held
         k = max(self.seqs) + 1
         tokens = np.zeros((k, 1), dtype=np.int64)
         past_len = np.zeros(k, dtype=np.int64)
         for slot, seq in self.seqs.items():
-            if seq.length >= self.spec.capacity:
+            if slot in running and seq.length >= self.spec.capacity:
                 raise GraphcError(None, f"slot {slot} is full ({self.spec.capacity} positions)", "capacity")
+            # a held slot is fed its own next row too (not position 0, which holds its prompt):
+            # the K/V it writes at its length are rewritten by the step that samples there
             tokens[slot, 0], past_len[slot] = seq.last, seq.length
         past, present = self._cache_rows(0, k)
         logits = self.decode.run({"tokens": tokens, "past_len": past_len, **past}, outputs=present)["logits"][:, -1]
-        out = {}
-        for slot, seq in self.seqs.items():
+        out = held
+        for slot, seq in running.items():
             seq.length += 1
             out[slot] = sample_row(logits[slot:slot + 1], seq.sampler, seq.logprobs)
             seq.last = out[slot].token
@@ -224,3 +254,4 @@ class GraphDecoder(Decoder):
 
     def remove(self, slot: int) -> None:
         self.seqs.pop(slot, None)
+        self._held_tokens().pop(slot, None)

@@ -43,6 +43,37 @@ def test_every_decode_kernel_compiles(precision, tmp_path, monkeypatch):
             assert compile_cubin(src, "sm_90", use_cache=False)[:4] == b"\x7fELF", name
 
 
+def test_every_tensor_core_gemm_compiles(tmp_path, monkeypatch):
+    pytest.importorskip("cuda.core", reason="cuda-core (NVRTC) is not installed")
+    from ml_dtypes import bfloat16
+
+    from graphc.backends.cuda import decode_mma as MMA
+    from graphc.runtime.cuda.modules import compile_cubin
+
+    monkeypatch.setenv("GRAPHC_KERNEL_CACHE", str(tmp_path))
+    sources = set()
+    for cfg in _configs():
+        C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+        for K, N, ln, epi in ((C, 3 * C, True, "qkv"), (C, C, False, "residual"), (C, 4 * C, True, "gelu"),
+                              (4 * C, C, False, "residual"), (C, V, True, "plain")):
+            sources.add(MMA.mma_gemm(K, N, ln=ln, epilogue=epi, heads=H, capacity=1024, cache_dtype=np.dtype(bfloat16)))
+    for src, name in sorted(sources):
+        assert compile_cubin(src, "sm_90", use_cache=False)[:4] == b"\x7fELF", name
+
+
+def test_tensor_core_gemm_split_depends_on_shapes_only():
+    """The K split (warps) and columns per block depend on K and N; only grid.y follows M."""
+    from graphc.backends.cuda import decode_mma as MMA
+
+    assert MMA.mma_warps(768) == 8 and MMA.mma_warps(3072) == 8 and MMA.mma_warps(128) == 4
+    for M in (1, 16, 64, 512):
+        grid, block = MMA.mma_shape(768, 2304, M)
+        assert grid[0] == 144 and block == (256,)
+    assert MMA.mma_shape(768, 2304, 64)[0][1] == 1 and MMA.mma_shape(768, 2304, 512)[0][1] == 8
+    with pytest.raises(ValueError, match="K % 32"):
+        MMA.mma_warps(48)
+
+
 def test_gemv_work_split():
     from graphc.backends.cuda import decode_kernels as DK
 
@@ -107,6 +138,30 @@ def test_batch_invariance(small, precision):
     sampled_alone = [_gen(small, [p], 20, precision=precision, temperature=1.0, top_k=40, seed=7 + i)[0]
                      for i, p in enumerate(PROMPTS)]
     assert sampled == sampled_alone
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_prefill_beside_running_rows_is_batch_invariant(cuda, small, precision):
+    """Prompts submitted while others decode are prefilled a few rows per step in the same
+    pass as the decode rows (3 here: prompts span steps, two share one); every sequence, the
+    running ones included, gets exactly the tokens it gets alone (seeded sampling)."""
+    from helpers import decode_alone, decode_submitted_while_running
+
+    from graphc.runtime.decode import DecodeSpec
+    from graphc.runtime.sampling import Sampler
+
+    dev = cuda.upload_params(small)
+
+    def make():
+        dec = cuda.decoder(dev, DecodeSpec(4, 64, precision))
+        dec.prefill_per_step = 3
+        return dec
+
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[3], PROMPTS[1]]
+    sampler = lambda i: Sampler(temperature=1.0, top_k=40, seed=21 + i)  # noqa: E731
+    alone = [decode_alone(make, p, 8, sampler(i)) for i, p in enumerate(prompts)]
+    assert decode_submitted_while_running(make(), prompts, 8, sampler) == alone
 
 
 @gpu

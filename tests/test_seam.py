@@ -15,6 +15,7 @@ from graphc.runtime.decode import DecodeSpec
 from graphc.runtime.optimizer import AdamW, AdamWConfig
 from graphc.runtime.programs import TrainSpec, grad_buckets
 from graphc.runtime.sampling import Sampler
+from helpers import decode_alone, decode_submitted_while_running
 
 CFG = named_config("L2H2C64")
 
@@ -78,19 +79,10 @@ def _decoder(slots=4, capacity=24):
     return backend.decoder(backend.upload_params(random_init(CFG, 3)), DecodeSpec(slots, capacity))
 
 
-def _run_alone(prompt, n, sampler):
-    dec = _decoder()
-    slot, first = dec.add(prompt, sampler)
-    out = [first.token]
-    while len(out) < n:
-        out.append(dec.step()[slot].token)
-    return out
-
-
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_decoder_slots_are_batch_invariant_and_reusable(temperature):
     prompts = [[5, 6, 7], [100, 200], [9] * 7, [42]]
-    alone = [_run_alone(p, 6, Sampler(temperature=temperature, seed=i)) for i, p in enumerate(prompts)]
+    alone = [decode_alone(_decoder, p, 6, Sampler(temperature=temperature, seed=i)) for i, p in enumerate(prompts)]
     dec = _decoder()
     outs = {}
     slot0, t = dec.add(prompts[0], Sampler(temperature=temperature, seed=0))
@@ -111,6 +103,16 @@ def test_decoder_slots_are_batch_invariant_and_reusable(temperature):
     assert done[0] == alone[0][:3]
     assert outs[slot1][:6] == alone[1]
     assert outs[slot2][:6] == alone[2]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_submitted_prompts_join_a_running_batch(temperature):
+    """``submit`` (what the server uses): the first token comes out of a later step; every
+    sequence gets exactly its tokens alone, and the running one is not disturbed."""
+    prompts = [[5, 6, 7], [9] * 7, [42], [100, 200]]
+    sampler = lambda i: Sampler(temperature=temperature, seed=i)  # noqa: E731
+    alone = [decode_alone(_decoder, p, 6, sampler(i)) for i, p in enumerate(prompts)]
+    assert decode_submitted_while_running(_decoder(), prompts, 6, sampler) == alone
 
 
 def test_decoder_refuses_what_does_not_fit():

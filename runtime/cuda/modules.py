@@ -67,8 +67,14 @@ class ModuleCache:
         return self._functions[key, name]
 
 
-def launch(function, grid, block, args, stream: int, shmem: int = 0) -> None:
-    """cuLaunchKernel with ``args`` as (value, ctypes type) pairs."""
+def launch(function, grid, block, args, stream: int, shmem: int = 0, *, pdl: bool = False) -> None:
+    """cuLaunchKernel with ``args`` as (value, ctypes type) pairs.
+
+    ``pdl``: programmatic dependent launch -- the kernel may start while the previous kernel
+    in the stream still runs (once every block of that one has executed
+    ``griddepcontrol.launch_dependents``); it must execute ``griddepcontrol.wait`` before
+    touching anything the previous kernels write or read. Captured into CUDA graphs as a
+    programmatic edge."""
     from cuda.bindings import driver
 
     from graphc.runtime.cuda.driver import check
@@ -77,4 +83,15 @@ def launch(function, grid, block, args, stream: int, shmem: int = 0) -> None:
     block = tuple(block) + (1,) * (3 - len(block))
     values = tuple(v for v, _ in args)
     types = tuple(t for _, t in args)
-    check(driver.cuLaunchKernel(function, *grid, *block, shmem, stream, (values, types), 0))
+    if not pdl:
+        check(driver.cuLaunchKernel(function, *grid, *block, shmem, stream, (values, types), 0))
+        return
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid
+    config.blockDimX, config.blockDimY, config.blockDimZ = block
+    config.sharedMemBytes, config.hStream = shmem, stream
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    config.attrs, config.numAttrs = [attr], 1
+    check(driver.cuLaunchKernelEx(config, function, (values, types), 0))

@@ -3,9 +3,11 @@
 The HTTP side (``runtime/serving/app.py``) turns each completion choice into a :class:`Job`
 and :meth:`Engine.submit`\\ s it; the engine thread, between decode steps,
 
-1. admits queued jobs while the decoder has free slots (each is prefilled into its slot and
-   its first token sampled: the request has joined the running batch),
-2. runs one decode step for every live sequence,
+1. admits queued jobs while the decoder has free slots (``Decoder.submit``: the slot is
+   reserved, the prompt queued for prefill),
+2. runs one step: a new token for every running sequence, and prefill work for the
+   submitted ones (a sequence's first token comes out of the step that ends its prefill;
+   the CUDA decoder prefills in chunks beside the decode rows, so no one stalls for long),
 3. hands every new token to its job's ``emit`` callback, and frees the slot of a job that
    finished (end of text, ``max_tokens``) or was cancelled (client gone, stop string met).
 
@@ -167,22 +169,22 @@ class Engine:
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return
-        try:
-            slot, first = self.decoder.add(job.prompt, job.sampler, logprobs=job.logprobs)
+        try:   # the first token comes out of a later step (chunked prefill beside the running rows)
+            slot = self.decoder.submit(job.prompt, job.sampler, logprobs=job.logprobs)
         except GraphcError as e:
             job.emit(None, f"error: {e.message}")
             return
         except Exception as e:
             job.emit(None, f"error: {type(e).__name__}: {e}")
             return
-        self.on_first_token(time.perf_counter() - job.submitted)
         self._active[slot] = job
-        self._deliver(slot, job, first)
 
     def _deliver(self, slot: int, job: Job, sampled: Sampled) -> None:
         if job.cancelled:
             self._release(slot)
             return
+        if job.generated == 0:
+            self.on_first_token(time.perf_counter() - job.submitted)
         job.generated += 1
         finish = None
         if self.eot is not None and sampled.token == self.eot:

@@ -11,28 +11,40 @@ sampled ids are copied out as its last, so
 * a **decode step** over the ``k`` live sequences is one CUDA graph (captured once per
   ``k``) replayed: N tokens are N replays, no host work per layer, only ids come back;
 * a **prefill** is the same pass over the prompt's rows in chunks (run eagerly), its last
-  row sampled; the K/V of every prompt token land in the slot's cache rows.
+  row sampled; the K/V of every prompt token land in the slot's cache rows;
+* **chunked prefill** (``submit``, what the server uses): a queued prompt's rows ride along
+  with a decode step's rows, ``prefill_per_step`` at a time, in one pass; the running
+  sequences get their token from that same pass, so a long prompt slows their steps a little
+  instead of stopping them for its whole prefill.
 
 A finished sequence frees its slot and costs nothing in the next step (rows are the live
 slots only). Every kernel's per-row arithmetic is independent of the other rows, so a
 sequence's tokens are the same alone or in any batch; sampling uses the sequence's own seed
 and token counter. Activations and accumulation are fp32; under ``bf16`` the weight
-matrices (and the embedding) are bf16 copies of the fp32 parameters and the cache is bf16.
+matrices (and the embedding) are bf16 copies of the fp32 parameters, the cache is bf16 and
+every row GEMM runs on the tensor cores (``decode_mma.py``; fp32 keeps the CUDA-core GEMV).
+Consecutive kernels use programmatic dependent launch: a GEMM's weights stream in while the
+kernel before it finishes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 
 import numpy as np
 
 from graphc.backends.cuda import decode_kernels as DK
+from graphc.backends.cuda import decode_mma as MMA
 from graphc.backends.cuda.program import KernelStep
 from graphc.errors import GraphcError
 from graphc.runtime.decode import DecodeSpec, Decoder, Sampled, log_softmax, top_logprobs
 from graphc.runtime.sampling import Sampler
 
 PREFILL_CHUNK = 512          # rows per prefill pass
+PREFILL_PER_STEP = 128       # prompt rows a step runs beside its decode rows (chunked prefill)
+PDL = os.environ.get("GRAPHC_PDL", "1") != "0"   # programmatic dependent launch between decode kernels
 MATRICES = ("wte", "qkvw", "attprojw", "fcw", "fcprojw")
 
 
@@ -49,6 +61,13 @@ class _Seq:
     length: int               # tokens in the cache
     count: int                # tokens sampled so far (the random stream's counter)
     logprobs: int | None
+
+
+@dataclasses.dataclass
+class _Pending:
+    seq: _Seq
+    prompt: list[int]
+    done: int = 0             # prompt tokens already in the cache
 
 
 class _Meta:
@@ -103,6 +122,9 @@ class CudaDecoder(Decoder):
         rt = backend.rt
         self.wdtype = _bf16() if spec.precision == "bf16" else np.dtype(np.float32)
         self.cdtype = self.wdtype
+        # bf16: every row GEMM on the tensor cores (for every row count, so a sequence's
+        # arithmetic is the same alone or in a batch); fp32 keeps the exact CUDA-core GEMV.
+        self.tensor_cores = spec.precision == "bf16"
         flat = params.flat
         self.weights = flat if self.wdtype == np.float32 else backend.upload(
             flat.to_numpy().astype(self.wdtype))
@@ -126,9 +148,21 @@ class CudaDecoder(Decoder):
         self.meta = _Meta(backend, R, S)
         self.rt = rt
         self.seqs: dict[int, _Seq] = {}
+        self.pending: dict[int, _Pending] = {}      # submitted, prefill not finished (oldest first)
+        self.prefill_per_step = PREFILL_PER_STEP
         self._graphs: dict[int, object] = {}
         self._passes: dict[tuple, list] = {}
+        self._thread = threading.get_ident()
         assert isinstance(self.x, DeviceBuffer)
+
+    def _on_this_thread(self) -> None:
+        """Make the device's context current on the calling thread: the server builds the
+        decoder on the main thread and drives it from its engine thread, and a CUDA context
+        is current per thread (a call from a thread without it fails with an invalid context)."""
+        tid = threading.get_ident()
+        if tid != self._thread:
+            self.rt.device.set_current()
+            self._thread = tid
 
     # ------------------------------------------------------------------ addresses
     def _p(self, name: str, layer: int | None = None) -> int:
@@ -154,9 +188,14 @@ class CudaDecoder(Decoder):
         steps = []
 
         def gemv(K, N, ln, epi, x, rowmap, lnw, lnb, w, bias, out, rows, kc=0, vc=0):
-            r, c, grid, block = DK.gemv_shape(N, rows)
-            src, name = DK.gemv(K, N, self.wdtype, ln=ln, epilogue=epi, eps=eps, heads=H, capacity=cap,
-                                cache_dtype=self.cdtype, rows=r, cols=c)
+            if self.tensor_cores:
+                grid, block = MMA.mma_shape(K, N, rows)
+                src, name = MMA.mma_gemm(K, N, ln=ln, epilogue=epi, eps=eps, heads=H, capacity=cap,
+                                         cache_dtype=self.cdtype)
+            else:
+                r, c, grid, block = DK.gemv_shape(N, rows)
+                src, name = DK.gemv(K, N, self.wdtype, ln=ln, epilogue=epi, eps=eps, heads=H, capacity=cap,
+                                    cache_dtype=self.cdtype, rows=r, cols=c)
             steps.append(KernelStep(src, name, grid, block,
                                     [I(x), I(rowmap), I(lnw), I(lnb), I(w), I(bias), I(out), I(rows),
                                      I(slot), I(pos), I(kc), I(vc)], node=name))
@@ -188,6 +227,8 @@ class CudaDecoder(Decoder):
                                  I(meta.ptr("s_topp")), I(meta.ptr("s_seed")), I(meta.ptr("s_counter")),
                                  I(meta.ptr("s_slot")), I(meta.out_device.ptr), I(self.last_token.ptr)],
                                 node="sample"))
+        for step in steps[1:]:    # each kernel's prologue overlaps its predecessor (the embed follows a copy)
+            step.pdl = PDL
         for step in steps:
             step.prepare(self.rt, self.backend.modules)
         self._passes[key] = steps
@@ -251,50 +292,91 @@ class CudaDecoder(Decoder):
     # ------------------------------------------------------------------ the seam
     @property
     def live(self) -> list[int]:
-        return sorted(self.seqs)
+        return sorted(set(self.seqs) | set(self.pending))
 
     def length(self, slot: int) -> int:
-        return self.seqs[slot].length
+        return self.seqs[slot].length if slot in self.seqs else self.pending[slot].done
 
-    def add(self, prompt, sampler: Sampler, *, logprobs: int | None = None):
+    def _new_sequence(self, prompt, sampler: Sampler, logprobs: int | None) -> tuple[int, _Seq, list[int]]:
+        """(slot, sequence, prompt ids) after the checks: it fits, a slot is free, ids in the vocabulary."""
         n = len(prompt)
         slot = self.admit(n)
         V = self.cfg.vocab_size
         if any(not 0 <= int(t) < V for t in prompt):
             raise GraphcError(None, f"token id outside the vocabulary (0..{V - 1})", "prompt")
         seed = sampler.seed if sampler.seed is not None else int(sampler.rng.integers(0, 2**63))
-        seq = _Seq(sampler, int(seed) & (2**64 - 1), n, 0, logprobs)
-        first = self._prefill(slot, [int(t) for t in prompt], seq)
+        return slot, _Seq(sampler, int(seed) & (2**64 - 1), n, 0, logprobs), [int(t) for t in prompt]
+
+    def add(self, prompt, sampler: Sampler, *, logprobs: int | None = None):
+        self._on_this_thread()
+        slot, seq, tokens = self._new_sequence(prompt, sampler, logprobs)
+        first = self._prefill(slot, tokens, seq)
         self.seqs[slot] = seq
         return slot, first
 
-    def step(self) -> dict[int, Sampled]:
-        from graphc.runtime.cuda import Graph
+    def submit(self, prompt, sampler: Sampler, *, logprobs: int | None = None) -> int:
+        """Queue the prompt: later steps prefill it ``prefill_per_step`` rows at a time beside
+        the decode rows (chunked prefill); the step that ends it returns its first token."""
+        slot, seq, tokens = self._new_sequence(prompt, sampler, logprobs)
+        self.pending[slot] = _Pending(seq, tokens)
+        return slot
 
-        if not self.seqs:
+    def step(self) -> dict[int, Sampled]:
+        if not self.seqs and not self.pending:
             return {}
-        slots = self.live
+        self._on_this_thread()
+        slots = sorted(self.seqs)
         for s in slots:
             if self.seqs[s].length >= self.spec.capacity:
                 raise GraphcError(None, f"slot {s} is full ({self.spec.capacity} positions)", "capacity")
-        M = len(slots)
-        self.meta.put("row_slot", slots)
-        self.meta.put("row_pos", [self.seqs[s].length for s in slots])
-        self.meta.put("row_tok", [-1] * M)
+        row_slot, row_pos = list(slots), [self.seqs[s].length for s in slots]
+        row_tok = [-1] * len(slots)                     # decode rows embed the slot's last token
         items = [(i, s, self.seqs[s]) for i, s in enumerate(slots)]
-        self._set_samples(items)
+        finished, budget = [], min(self.prefill_per_step, self.rows_max - len(slots))
+        for slot, p in list(self.pending.items()):      # prefill chunks, oldest request first
+            if budget <= 0:
+                break
+            take = min(budget, len(p.prompt) - p.done)
+            row_slot += [slot] * take
+            row_pos += range(p.done, p.done + take)
+            row_tok += p.prompt[p.done:p.done + take]
+            p.done += take
+            budget -= take
+            if p.done == len(p.prompt):                 # its last row is sampled: the first token
+                items.append((len(row_slot) - 1, slot, p.seq))
+                finished.append(slot)
+        M, S = len(row_slot), len(items)
+        self.meta.put("row_slot", row_slot)
+        self.meta.put("row_pos", row_pos)
+        self.meta.put("row_tok", row_tok)
+        if M == len(slots):                             # decode rows only: the captured graph
+            self._set_samples(items)
+            self._replay(M)
+        else:                                           # with prefill rows: one eager pass
+            dummy = [] if items else [(M - 1, row_slot[-1], _Seq(Sampler(0.0), 0, 0, 0, None))]
+            self._set_samples(items + dummy)
+            self._record(M, S + len(dummy), self.rt.stream)
+            self.rt.synchronize()
+        out = {slot: sampled for (_, slot, _), sampled in zip(items, self._sampled(items))}
+        for s in slots:
+            self.seqs[s].length += 1
+        for s in finished:
+            self.seqs[s] = self.pending.pop(s).seq
+        return out
+
+    def _replay(self, M: int) -> None:
+        """The decode step over M rows as one CUDA graph (captured on first use per M)."""
+        from graphc.runtime.cuda import Graph
+
         graph = self._graphs.get(M)
         if graph is None:
             self._kernel_steps(M, M)
             graph = self._graphs[M] = Graph(self.rt.stream, lambda stream: self._record(M, M, stream))
         graph.replay()
         self.rt.synchronize()
-        out = dict(zip(slots, self._sampled(items)))
-        for s in slots:
-            self.seqs[s].length += 1
-        return out
 
     def score(self, prompt, logprobs: int = 0):
+        self._on_this_thread()
         cfg = self.cfg
         if not 1 <= len(prompt) <= min(cfg.max_seq_len, self.spec.capacity):
             raise GraphcError(None, f"prompt of {len(prompt)} tokens: the model takes 1..{self.spec.capacity}",
@@ -317,3 +399,4 @@ class CudaDecoder(Decoder):
 
     def remove(self, slot: int) -> None:
         self.seqs.pop(slot, None)
+        self.pending.pop(slot, None)

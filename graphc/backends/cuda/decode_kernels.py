@@ -42,6 +42,12 @@ SAMPLE_THREADS = 1024
 
 EPILOGUES = ("qkv", "bias", "gelu", "residual", "plain")
 
+# Programmatic dependent launch: every decode kernel is launched so it may start while its
+# predecessor runs; before this point it may read only the weights (never written in a pass),
+# after it everything the previous kernels wrote is visible. Then it lets its own successor
+# start its prologue. Both are no-ops for a kernel launched without the attribute.
+PDL_WAIT = 'asm volatile("griddepcontrol.wait;" ::: "memory"); asm volatile("griddepcontrol.launch_dependents;");'
+
 _LOAD8 = r"""
 __device__ __forceinline__ void load8(const float* p, float* v) {
   const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
@@ -57,6 +63,32 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + tanhf(%(S)r * (x + %(A)r * x * x * x)));
 }
 """ % {"S": float(np.float32(GELU_S)), "A": float(np.float32(GELU_A))}
+
+
+def epilogue_code(epilogue: str, N: int, heads: int, capacity: int, CT: str) -> tuple[str, str]:
+    """(store statement, bias term) of a row kernel's epilogue for output (row ``m``, column
+    ``n``) with value ``v``: the one definition the CUDA-core GEMV and the tensor-core GEMM share.
+    ``qkv`` writes columns [0, C) to ``out`` [M, C] and the K / V columns into the caches at
+    (row_slot[m], row_pos[m])."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown epilogue {epilogue!r}")
+    C = N // 3 if epilogue == "qkv" else N
+    D = C // heads if heads else 0
+    if epilogue == "qkv":
+        store = f"""
+          if (n < {C}) out[m * {C}LL + n] = v;
+          else {{
+            const i64 nn = (n - {C}) % {C}, h = nn / {D}, d = nn % {D};
+            {CT}* cache = n < {2 * C} ? k_cache : v_cache;
+            st(cache, (((i64)row_slot[m] * {heads} + h) * {capacity} + row_pos[m]) * {D} + d, v);
+          }}"""
+    elif epilogue == "residual":
+        store = f"out[m * {N}LL + n] += v;"
+    elif epilogue == "gelu":
+        store = f"out[m * {N}LL + n] = gelu_tanh(v);"
+    else:
+        store = f"out[m * {N}LL + n] = v;"
+    return store, ("" if epilogue == "plain" else " + bias[n]")
 
 
 def gemv_shape(N: int, M: int) -> tuple[int, int, tuple, tuple]:
@@ -87,23 +119,7 @@ def gemv(K: int, N: int, wdtype, *, ln: bool, epilogue: str, eps: float = 1e-5, 
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}")
     W, CT = ctype(wdtype), ctype(cache_dtype)
-    C = N // 3 if epilogue == "qkv" else N
-    D = C // heads if heads else 0
-    if epilogue == "qkv":
-        store = f"""
-          if (n < {C}) out[m * {C}LL + n] = v;
-          else {{
-            const i64 nn = (n - {C}) % {C}, h = nn / {D}, d = nn % {D};
-            {CT}* cache = n < {2 * C} ? k_cache : v_cache;
-            st(cache, (((i64)row_slot[m] * {heads} + h) * {capacity} + row_pos[m]) * {D} + d, v);
-          }}"""
-    elif epilogue == "residual":
-        store = f"out[m * {N}LL + n] += v;"
-    elif epilogue == "gelu":
-        store = f"out[m * {N}LL + n] = gelu_tanh(v);"
-    else:
-        store = f"out[m * {N}LL + n] = v;"
-    add_bias = "" if epilogue == "plain" else " + bias[n]"
+    store, add_bias = epilogue_code(epilogue, N, heads, capacity, CT)
     name = f"gemv_{epilogue}{'_ln' if ln else ''}_r{rows}c{cols}"
     src = PRELUDE + _LOAD8 + f"""
 extern "C" __global__ void __launch_bounds__({32 * WARPS}) {name}(
@@ -113,6 +129,7 @@ extern "C" __global__ void __launch_bounds__({32 * WARPS}) {name}(
     {CT}* __restrict__ k_cache, {CT}* __restrict__ v_cache) {{
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const i64 n0 = ((i64)blockIdx.x * {WARPS} + warp) * {cols};
+  {PDL_WAIT}
   __shared__ int s_row[{rows}];
   __shared__ float s_mean[{rows}], s_rstd[{rows}];
   for (i64 m0 = (i64)blockIdx.y * {rows}; m0 < M; m0 += (i64)gridDim.y * {rows}) {{
@@ -205,6 +222,7 @@ def embed(C: int, wdtype) -> tuple[str, str]:
 extern "C" __global__ void {name}(const {W}* __restrict__ wte, const float* __restrict__ wpe,
     const int* __restrict__ row_tok, const int* __restrict__ row_slot, const int* __restrict__ row_pos,
     const int* __restrict__ last_token, float* __restrict__ x) {{
+  {PDL_WAIT}
   const i64 m = blockIdx.x;
   const int t = row_tok[m];
   const i64 tok = t >= 0 ? t : last_token[row_slot[m]];
@@ -249,6 +267,7 @@ extern "C" __global__ void __launch_bounds__({CHUNK}) {name}(const float* __rest
     const {CT}* __restrict__ k_cache, const {CT}* __restrict__ v_cache, const int* __restrict__ row_slot,
     const int* __restrict__ row_pos, float* __restrict__ part_o, float* __restrict__ part_ml,
     int* __restrict__ counters, float* __restrict__ out) {{
+  {PDL_WAIT}
   const i64 m = blockIdx.x;
   const int h = blockIdx.y, sp = blockIdx.z, t = threadIdx.x;
   const int pos = row_pos[m];
@@ -371,6 +390,7 @@ extern "C" __global__ void __launch_bounds__({T}) {name}(const float* __restrict
     const float* __restrict__ temp, const int* __restrict__ top_k, const float* __restrict__ top_p,
     const unsigned* __restrict__ seed, const int* __restrict__ counter, const int* __restrict__ slot,
     int* __restrict__ out_tok, int* __restrict__ last_token) {{
+  {PDL_WAIT}
   const i64 s = blockIdx.x;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const float* z = logits + s * {V}LL;

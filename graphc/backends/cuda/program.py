@@ -26,6 +26,7 @@ class KernelStep:
     args: list            # Tensor | Storage | ("f32", x) | ("i64", x)
     node: str = ""
     shmem: int = 0
+    pdl: bool = False     # programmatic dependent launch (the kernel calls griddepcontrol.wait)
     _fn: object = None
     _args: tuple = ()
 
@@ -46,7 +47,7 @@ class KernelStep:
     def record(self, stream: int) -> None:
         from graphc.runtime.cuda.modules import launch
 
-        launch(self._fn, self.grid, self.block, self._args, stream, self.shmem)
+        launch(self._fn, self.grid, self.block, self._args, stream, self.shmem, pdl=self.pdl)
 
 
 @dataclass
