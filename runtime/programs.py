@@ -123,6 +123,7 @@ class TrainSpec:
     adamw: AdamWConfig = dataclasses.field(default_factory=AdamWConfig)
     decay_matrices_only: bool = False
     opt: bool = True                   # run the optimisation pipeline (False: the plain autodiff graph)
+    parallel: object = None            # graphc.runtime.distributed.DataParallel (connected), or None
 
 
 @dataclasses.dataclass

@@ -48,6 +48,7 @@ def build_parser(available: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher re-runs per worker
     try:
         return int(args._module.run(args) or 0)
     except GraphcError as e:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from pathlib import Path
 
 from graphc.cli.common import add_backend_args, add_model_args, positive
+from graphc.errors import GraphcError
 
 HELP = "train GPT-2 (forward + autodiff backward + AdamW) on llm.c token shards"
 
@@ -39,10 +42,42 @@ def add_arguments(p):
     r.add_argument("--out", type=Path, help="folder for checkpoints, the loss log and plot")
     r.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every K steps (and at the end)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out bit for bit")
+    d = p.add_argument_group("data parallel (CUDA backend, NCCL)")
+    d.add_argument("--gpus", type=positive("--gpus"), default=1,
+                   help="GPUs on this host, one worker process each, -b rows per GPU (default 1); under "
+                        "torchrun or mpirun the launcher's ranks are used instead")
+    d.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                   help="1: shard AdamW state across GPUs (reduce-scatter, all-gather), as llm.c's ZeRO-1")
     add_backend_args(p)
 
 
 def run(args) -> int:
+    from graphc.runtime import distributed
+
+    ranks = distributed.ranks_from_env()
+    world = ranks.world if ranks is not None else args.gpus
+    if world > 1 and args.backend != "cuda":
+        raise GraphcError("--gpus", f"data-parallel training needs --backend cuda (NCCL); {args.backend} runs on "
+                          "one device", "--backend")
+    if ranks is not None and args.gpus > 1 and args.gpus != ranks.world:
+        raise GraphcError("--gpus", f"--gpus {args.gpus} disagrees with the launcher's world size {ranks.world}",
+                          ranks.launcher)
+    if args.zero and world == 1:
+        raise GraphcError("--zero", "ZeRO-1 shards the optimizer state across GPUs: it needs --gpus 2 or more",
+                          "--gpus")
+    if ranks is None and world > 1:  # this process is the launcher: one worker per GPU
+        return distributed.supervise([sys.executable, "-m", "graphc", *args.argv], world)
+    parallel = None
+    if ranks is not None and ranks.world > 1:
+        from graphc.runtime.cuda.driver import select_device
+
+        os.environ.update({k: v for k, v in distributed.NCCL_ENV.items() if k not in os.environ})
+        select_device(ranks.local_rank)
+        parallel = distributed.DataParallel(ranks, zero=args.zero)
+    return train(args, parallel)
+
+
+def train(args, parallel) -> int:
     from graphc.models.load import load_model
     from graphc.runtime.optimizer import AdamWConfig
     from graphc.runtime.trainer import TrainConfig, Trainer
@@ -56,12 +91,16 @@ def run(args) -> int:
         decay_matrices_only=args.decay_matrices_only, val_every=args.val_every, val_batches=args.val_batches,
         sample_every=args.sample_every, sample_tokens=args.sample_tokens, seed=args.seed, shuffle=args.shuffle,
         checkpoint_every=args.checkpoint_every, backend=args.backend, precision=args.precision,
-        opt=not args.no_opt,
+        opt=not args.no_opt, zero=args.zero,
     )
     sampler = make_sampler(config) if args.sample_every > 0 else None
-    trainer = Trainer(params, args.train_data, args.val_data, config, out=args.out, sampler=sampler)
+    trainer = Trainer(params, args.train_data, args.val_data, config, out=args.out, sampler=sampler,
+                      parallel=parallel)
     if args.resume:
         trainer.resume()
+    if parallel is not None:  # ranks stop together: the launcher stops every worker (SIGTERM)
+        trainer.run()
+        return 0
 
     def request_stop(signum, frame):
         trainer.stop_requested = True
