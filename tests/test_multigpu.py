@@ -41,7 +41,7 @@ def train_args(B, steps=20, precision="fp32", *extra):
             "--val-every", "10", "--backend", "cuda", "--precision", precision, *extra]
 
 
-def graphc(args, env=None, timeout=300) -> subprocess.CompletedProcess:
+def graphc(args, env=None, timeout=120) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "graphc", *args], capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, **ENV, **(env or {})})
     assert r.returncode == 0, r.stderr[-3000:]
