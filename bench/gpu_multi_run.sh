@@ -17,7 +17,7 @@ if [ -z "${SKIP_BENCH:-}" ] && [ -n "${BENCH_FIRST:-}" ]; then
   timeout ${BENCH_TIMEOUT:-300} python3 "$REPO/bench/gpu_multi.py" ${BENCH_ARGS:-} 2>&1 | tee $OUT/multi_bench.log
 fi
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider -m multigpu -q -s -rA gtests/test_multigpu.py ${TESTS:-} 2>&1 | tee $OUT/multigpu_tests.log
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider -m multigpu -q -s -rA ${TESTS:-gtests/test_multigpu.py} 2>&1 | tee $OUT/multigpu_tests.log
 fi
 if [ -z "${SKIP_BENCH:-}" ] && [ -z "${BENCH_FIRST:-}" ]; then
   timeout ${BENCH_TIMEOUT:-300} python3 "$REPO/bench/gpu_multi.py" ${BENCH_ARGS:-} 2>&1 | tee $OUT/multi_bench.log
