@@ -198,7 +198,12 @@ def compute(params: Params, inputs: np.ndarray, targets: np.ndarray, *, grads: b
     if grads and autodiff_available():
         from graphc.passes.autodiff import differentiate, grad_name
 
-        model = differentiate(model, loss="loss", wrt=params.names())  # keeps logits and loss
+        if backend == "onnxruntime":   # the plain autodiff graph: checks autodiff itself
+            model = differentiate(model, loss="loss", wrt=params.names())  # keeps logits and loss
+        else:                          # a compiled backend runs the optimised, legalised graph
+            from graphc.passes.pipelines import optimize
+
+            model, _ = optimize(model, "train", backend=backend, wrt=params.names())  # keeps logits and loss
         g = params.like()
         outputs = {grad_name(name): g[name] for name in params.names()}
     from graphc.backends import get_backend

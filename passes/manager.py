@@ -183,6 +183,7 @@ class PassManager:
         if self.start_index <= 1:
             self._dump(model, 0, "input")
         model = self._check(model, "<input>")
+        copies = dict.fromkeys(FUSED_KEYS, 0)  # fused ops a pass copied (``fuses = False``: recompute)
         for k, p in enumerate(self.passes):
             index = self.start_index + k
             before_n, before_f = len(model.graph.node), count_fused(model)
@@ -194,11 +195,15 @@ class PassManager:
             t2 = time.perf_counter()
             after_f = count_fused(model)
             fused = {key: after_f[key] - before_f[key] for key in FUSED_KEYS if after_f[key] > before_f[key]}
+            if not getattr(p, "fuses", True):
+                for key, v in fused.items():
+                    copies[key] += v
+                fused = {}
             report.passes.append(PassRecord(index, p.name, before_n, len(model.graph.node), bool(changed), fused,
                                             dict(getattr(p, "stats", {}) or {}), t1 - t0, t2 - t1))
             self._dump(model, index, p.name)
         end = count_fused(model)
-        report.fused = {k: max(0, end[k] - fused_start[k]) for k in FUSED_KEYS}
+        report.fused = {k: max(0, end[k] - fused_start[k] - copies[k]) for k in FUSED_KEYS}
         report.nodes_after = len(model.graph.node)
         report.seconds = time.perf_counter() - t_start
         report.op_counts = op_counts(model)

@@ -40,6 +40,7 @@ from graphc.passes.fusions.layernorm import fuse_layernorm
 from graphc.passes.fusions.masked_attention import fuse_masked_attention
 from graphc.passes.manager import Pass, PassManager, Report
 from graphc.passes.precision import EmulateBF16, PrecisionBF16
+from graphc.passes.recompute import Recompute
 from graphc.passes.remove_identity import RemoveIdentity
 from graphc.passes.shape_inference import ShapeInference
 
@@ -99,6 +100,7 @@ PASSES: dict[str, Callable[[Options], Pass]] = {
     "fuse_backward": lambda o: FuseBackward(o.loss),
     "precision_bf16": lambda o: PrecisionBF16(set(o.wrt) if o.wrt is not None else None, o.master_params),
     "emulate_bf16": lambda o: EmulateBF16(),
+    "recompute": lambda o: Recompute(o.loss),
 }
 
 CLEANUP = ["remove_identity", "constant_fold", "cse", "dce"]
@@ -182,7 +184,7 @@ def legalize(model: onnx.ModelProto, backend: str) -> onnx.ModelProto:
 def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None = None,
              loss: str = "loss", wrt: list[str] | None = None, dump_dir: str | os.PathLike | None = None,
              verify: bool = True, precision: str = "fp32", emulate: bool | None = None,
-             ) -> tuple[onnx.ModelProto, Report]:
+             recompute: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Optimise a graph for ``mode`` (``infer`` or ``train``); returns (model, report).
 
     ``train`` takes the forward graph with its ``loss`` output and returns the training
@@ -193,11 +195,14 @@ def optimize(model: onnx.ModelProto, mode: str = "infer", *, backend: str | None
     :mod:`graphc.precision`) appends its passes after the fusions: ``bf16`` rewrites the
     graph to BF16 mixed precision (float32 master parameters when training), followed,
     for onnxruntime (``backend`` None or ``"onnxruntime"``), by its float32 emulation
-    (``emulate`` overrides: see :func:`precision_passes`).
+    (``emulate`` overrides: see :func:`precision_passes`). ``recompute`` (training)
+    appends :mod:`graphc.passes.recompute` after the cleanup, before the precision passes.
     """
     if mode == "train" and is_training_graph(model):
         mode = "train_graph"
     name, names = pipeline_for(mode, backend)
+    if recompute and mode.startswith("train"):
+        names, name = names + ["recompute"], f"{name}+recompute"
     extra = precision_passes(precision, backend, emulate=emulate)
     if extra:
         names, name = names + extra, f"{name}+{precision}"

@@ -87,6 +87,7 @@ class DataParallel:
     zero: int = 0
     overlap: bool = True
     comm: object = None
+    comm_stream: object = None         # the backend's second stream for overlapped collectives
 
     @property
     def rank(self) -> int:

@@ -49,11 +49,11 @@ from graphc.runtime.optimizer import AdamW, AdamWConfig
 
 # ============================================================================ graphs
 def optimize(model: onnx.ModelProto, mode: str, *, backend: str | None = None,
-             precision: str = "fp32") -> onnx.ModelProto:
+             precision: str = "fp32", recompute: bool = False) -> onnx.ModelProto:
     """The optimisation pipeline for ``mode`` on ``backend`` (legalised for it)."""
     from graphc.passes.pipelines import optimize as run_pipeline
 
-    optimized, _report = run_pipeline(model, mode, backend=backend, precision=precision)
+    optimized, _report = run_pipeline(model, mode, backend=backend, precision=precision, recompute=recompute)
     return optimized
 
 
@@ -64,11 +64,15 @@ def forward_graph(cfg: GPT2Config, *, loss: bool, logits: bool, opt: bool = True
 
 
 def training_graph(cfg: GPT2Config, *, opt: bool = True, backend: str | None = None,
-                   precision: str = "fp32") -> onnx.ModelProto:
-    """Forward with loss + backward: outputs ``loss`` and ``grad.<param>`` for every param."""
+                   precision: str = "fp32", recompute: bool = False) -> onnx.ModelProto:
+    """Forward with loss + backward: outputs ``loss`` and ``grad.<param>`` for every param.
+
+    ``recompute`` runs :mod:`graphc.passes.recompute` after the cleanup: backward reads
+    recomputed GELU / layer-norm outputs, so the forward ones die early."""
     forward = build_forward(cfg, loss=True, logits=False)
-    if opt or precision != "fp32":
-        return optimize(forward, "train", backend=backend, precision=precision)  # differentiates after fusing
+    if opt or precision != "fp32" or recompute:
+        return optimize(forward, "train", backend=backend, precision=precision,
+                        recompute=recompute)  # differentiates after fusing
     from graphc.passes.autodiff import differentiate
 
     model = differentiate(forward, "loss", [s.name for s in param_specs(cfg)], keep_outputs=False)
@@ -124,6 +128,8 @@ class TrainSpec:
     decay_matrices_only: bool = False
     opt: bool = True                   # run the optimisation pipeline (False: the plain autodiff graph)
     parallel: object = None            # graphc.runtime.distributed.DataParallel (connected), or None
+    grad_accum: int = 1                # micro-batches of [B, T] per optimizer step (llm.c's grad_accum_steps)
+    recompute: bool = False            # recompute GELU / layer-norm outputs in backward (passes/recompute.py)
 
 
 @dataclasses.dataclass
@@ -153,6 +159,24 @@ def grad_buckets(cfg: GPT2Config) -> list[GradBucket]:
             for i, k in enumerate(order)]
 
 
+def micro_batches(a: np.ndarray, spec: TrainSpec) -> np.ndarray:
+    """``a`` as ``[grad_accum, B, T]`` int64 (a ``[B, T]`` batch is accepted when grad_accum is 1)."""
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[None]
+    if a.shape != (spec.grad_accum, spec.B, spec.T):
+        raise ValueError(f"expected micro-batches of shape {(spec.grad_accum, spec.B, spec.T)}, got {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def mean_loss_of(losses) -> float:
+    """The step's loss: the mean of the micro-batch losses, in float64, in order (every backend alike)."""
+    total = 0.0
+    for x in losses:
+        total += float(x)
+    return total / len(losses)
+
+
 def decay_mask(cfg: GPT2Config, matrices_only: bool) -> np.ndarray | None:
     """float32 {0, 1} per parameter element: which elements weight decay applies to (None: all)."""
     if not matrices_only:
@@ -170,10 +194,15 @@ class TrainStep(abc.ABC):
 
     params: DeviceParams
     grad_hooks: list[Callable[[GradBucket], None]]
+    setup_seconds: dict[str, float] | None = None   # what building it took, by phase (the time to the first step)
 
     @abc.abstractmethod
     def run(self, tokens: np.ndarray, targets: np.ndarray, *, t: int, lr: float) -> StepResult:
-        """Forward, backward, clip, AdamW (``t`` is the 1-based step of AdamW's bias correction)."""
+        """Forward, backward, clip, AdamW (``t`` is the 1-based step of AdamW's bias correction).
+
+        With ``spec.grad_accum`` = k > 1, ``tokens`` and ``targets`` are ``[k, B, T]`` (see
+        :func:`micro_batches`): the gradient is the mean of the k micro-batch gradients
+        (each scaled by 1/k as it is added, llm.c's order), the loss the mean of their losses."""
 
     def read_params(self) -> np.ndarray:
         """The flat float32 parameters, llm.c's layout, as a host copy."""
@@ -208,28 +237,49 @@ class GraphTrainStep(TrainStep):
         self.backend, self.params, self.spec = backend, params, spec
         cfg = params.cfg
         n = params.flat.size
+        # ``grads`` is the step's gradient (what hooks, clipping and AdamW read); with
+        # accumulation the graph writes each micro-batch's gradient into ``micro_grads`` and
+        # the step adds it, scaled by 1/k, into ``grads``
         self.grads = backend.alloc((n,), np.float32)
-        self.grad_outputs = {grad_name(s.name): self.grads.view(s.offset, s.shape) for s in params.specs}
+        self.micro_grads = backend.alloc((n,), np.float32) if spec.grad_accum > 1 else self.grads
+        self.grad_outputs = {grad_name(s.name): self.micro_grads.view(s.offset, s.shape) for s in params.specs}
         self.program = backend.prepare(training_graph(cfg, opt=spec.opt, backend=backend.name,
-                                                      precision=spec.precision))
+                                                      precision=spec.precision, recompute=spec.recompute))
         self.program.bind(params.views())
         self.optimizer = AdamW(n, spec.adamw, decay_mask(cfg, spec.decay_matrices_only), shard=shard)
         self.buckets = grad_buckets(cfg)
         self.grad_hooks = []
 
     def run(self, tokens: np.ndarray, targets: np.ndarray, *, t: int, lr: float) -> StepResult:
-        out = self.program.run({"tokens": tokens, "targets": targets}, outputs=self.grad_outputs)
+        k = self.spec.grad_accum
+        tokens, targets = micro_batches(tokens, self.spec), micro_batches(targets, self.spec)
+        losses = []
+        for i in range(k):
+            out = self.program.run({"tokens": tokens[i], "targets": targets[i]}, outputs=self.grad_outputs)
+            losses.append(float(out["loss"]))
+            if k > 1:
+                accumulate(self.grads.to_numpy(), self.micro_grads.to_numpy(), np.float32(1.0 / k), first=i == 0)
         for bucket in self.buckets if self.grad_hooks else ():
             for hook in self.grad_hooks:
                 hook(bucket)
         norm = self.optimizer.step(self.params.flat.to_numpy(), self.grads.to_numpy(), t, lr)
-        return StepResult(float(out["loss"]), norm if self.spec.adamw.grad_clip > 0 else None)
+        return StepResult(mean_loss_of(losses), norm if self.spec.adamw.grad_clip > 0 else None)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.optimizer.state().items()}
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         self.optimizer.load_state(state)
+
+
+def accumulate(acc: np.ndarray, grad: np.ndarray, scale: np.float32, *, first: bool) -> None:
+    """``acc = (0 if first else acc) + grad * scale`` in float32, two roundings (the CUDA
+    kernel ``kernels.accumulate`` does the same, so both backends sum alike)."""
+    scaled = np.multiply(grad, scale, dtype=np.float32)
+    if first:
+        acc[...] = scaled
+    else:
+        np.add(acc, scaled, out=acc)
 
 
 # ============================================================================ evaluation

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from graphc.backends import get_backend
 from graphc.data.shards import TokenLoader
 from graphc.errors import GraphcError
@@ -54,11 +56,17 @@ class TrainConfig:
     precision: str = "fp32"
     opt: bool = True
     zero: int = 0                      # ZeRO stage for data-parallel runs (0 or 1)
+    grad_accum: int = 1                # micro-batches per step (--total-batch-size / (B*T))
+    recompute: bool = False            # recompute GELU / layer-norm outputs in backward
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.grad_accum * self.B * self.T
 
     def resumable(self) -> dict:
         """The settings a resumed run must share with the original for bit-for-bit results."""
         keep = ("B", "T", "steps", "schedule", "warmup", "lr_final_frac", "decay_matrices_only", "shuffle", "seed",
-                "precision", "zero")
+                "precision", "grad_accum", "zero")
         return {k: getattr(self, k) for k in keep} | {"adamw": dataclasses.asdict(self.adamw)}
 
 
@@ -91,12 +99,16 @@ class Trainer:
                               f"{self.val_loader.batches_per_epoch()} batches in the val data", "--val-batches")
 
         backend = get_backend(config.backend)()
+        t_setup = time.perf_counter()
         if parallel is not None:
             parallel.connect(backend)
         device_params = backend.upload_params(params)
         self.program = backend.train_step(device_params, TrainSpec(
             B=config.B, T=config.T, precision=config.precision, adamw=config.adamw,
-            decay_matrices_only=config.decay_matrices_only, opt=config.opt, parallel=parallel))
+            decay_matrices_only=config.decay_matrices_only, opt=config.opt, grad_accum=config.grad_accum,
+            recompute=config.recompute, parallel=parallel))
+        if self.rank == 0:
+            report_setup(self.program, time.perf_counter() - t_setup)
         self.evaluator = (backend.evaluator(device_params, config.B, config.T, precision=config.precision,
                                             opt=config.opt) if self.val_loader else None)
         self.schedule = SCHEDULES[config.schedule](config.adamw.lr, config.steps, config.warmup,
@@ -164,7 +176,8 @@ class Trainer:
 
     def train_step(self) -> float:
         t0 = time.perf_counter()
-        inputs, targets = self.train_loader.next_batch()
+        batches = [self.train_loader.next_batch() for _ in range(self.config.grad_accum)]
+        inputs, targets = np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])
         lr = self.schedule(self.step)
         loss = self.program.run(inputs, targets, t=self.step + 1, lr=lr).loss
         ms = (time.perf_counter() - t0) * 1000
@@ -176,7 +189,7 @@ class Trainer:
     def run(self, stop_after: int | None = None) -> TrainLog:
         """Train until ``config.steps`` (or after step ``stop_after``, as if interrupted)."""
         c = self.config
-        progress = Progress(c.steps, c.B * c.T * self.world, self.step, quiet=self.rank != 0)
+        progress = Progress(c.steps, c.tokens_per_step * self.world, self.step, quiet=self.rank != 0)
         while self.step < c.steps:
             s = self.step
             if c.val_every > 0 and s % c.val_every == 0:
@@ -199,6 +212,17 @@ class Trainer:
         if self.out is not None and self.rank == 0:
             self.log.write(self.out)
         return self.log
+
+
+def report_setup(program, seconds: float) -> None:
+    """The time to the first step, on stderr (stdout's lines are a contract), for a program
+    that reports its phases (the CUDA step: lowering, kernels and plans, graph capture)."""
+    phases = getattr(program, "setup_seconds", None)
+    if not phases:
+        return
+    detail = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+    sys.stderr.write(f"train step ready after {seconds:.1f} s ({detail})\n")
+    sys.stderr.flush()
 
 
 class Progress:

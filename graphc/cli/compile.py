@@ -1,7 +1,7 @@
 """``graphc compile``: run the optimisation pipeline on GPT-2 and report every pass.
 
     graphc compile --model PATH|NAME --mode train|infer|decode [-b B -t T] [--precision fp32|bf16]
-                   [--dump DIR] [--json]
+                   [--backend NAME] [--recompute] [--dump DIR] [--json]
 
 Builds the graph of one step for the model's config (``infer``: forward logits only;
 ``train``: forward with the loss, differentiated w.r.t. every parameter inside the
@@ -13,7 +13,11 @@ checkpoint is read for its header/config. Prints one line per pass (nodes before
 what it fused and how many times, time) and the memory plan (peak vs naive bytes); with
 ``--json`` one JSON object instead. ``--precision bf16`` appends the BF16 pass (its line
 says how many casts it inserted and what stayed float32) and plans the bf16 graph itself,
-not onnxruntime's float32 emulation of it.
+not onnxruntime's float32 emulation of it. ``--backend`` legalises the graph for a backend
+(a one-line error naming the first node it cannot run); ``--backend cuda --mode train``
+also prints the CUDA train step's GPU-memory estimate (the arena as the backend lays it
+out, activations shared by liveness, plus parameters), computed without a GPU.
+``--recompute`` appends the recomputation pass (``passes/recompute.py``) in train mode.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
+from graphc.backends import REGISTRY
 from graphc.cli.common import add_precision_arg, check_seq_len, positive
 
 HELP = "optimise the GPT-2 training or inference graph and report every pass and the memory plan"
@@ -37,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", dest="T", type=positive("-t"), default=64,
                    help="sequence length for the memory plan (default 64)")
     add_precision_arg(p, "bf16 appends the BF16 mixed-precision pass (float32 master weights when training)")
+    p.add_argument("--backend", choices=sorted(REGISTRY), default=None,
+                   help="legalise for this backend; cuda (train) also prints its GPU-memory estimate")
+    p.add_argument("--recompute", action="store_true",
+                   help="train: recompute GELU / layer-norm outputs in backward (passes/recompute.py)")
     p.add_argument("--dump", metavar="DIR", type=Path,
                    help="write the graph after every pass as DIR/NN_pass.onnx + .txt (also $GRAPHC_DUMP_DIR)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
@@ -79,15 +88,23 @@ MODES = {
 }
 
 
-def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None, precision: str = "fp32") -> dict:
+def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None, precision: str = "fp32",
+                  backend: str | None = None, recompute: bool = False) -> dict:
     """Build, optimise and plan; return the report as a dict (the ``--json`` object)."""
     from graphc.passes.memory_plan import plan_model
     from graphc.passes.pipelines import optimize
 
     build, pipeline, dims = MODES[mode]
-    model, report = optimize(build(cfg), pipeline, dump_dir=dump_dir, precision=precision, emulate=False)
+    model, report = optimize(build(cfg), pipeline, dump_dir=dump_dir, precision=precision, emulate=False,
+                             backend=backend, recompute=recompute)
     mem = plan_model(model, dims(B, T))
-    return {
+    extra = {}
+    if backend == "cuda" and mode == "train":
+        from graphc.backends.cuda.train import memory_estimate
+        from graphc.runtime.programs import TrainSpec
+
+        extra["cuda_memory"] = memory_estimate(cfg, TrainSpec(B=B, T=T, precision=precision, recompute=recompute))
+    return extra | {
         "mode": mode, "config": cfg.describe(), "B": B, "T": T, "precision": precision,
         "pipeline": report.pipeline,
         "nodes_before": report.nodes_before, "nodes_after": report.nodes_after,
@@ -106,7 +123,8 @@ def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None, precision: str 
 def run(args: argparse.Namespace) -> int:
     cfg = model_config(args.model)
     check_seq_len(cfg, args.T)
-    result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump, precision=args.precision)
+    result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump, precision=args.precision,
+                           backend=args.backend, recompute=args.recompute)
     report, mem = result.pop("_report"), result.pop("_plan")
     if args.json:
         print(json.dumps(result))
@@ -116,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
     print(report.format())
     print(mem.format())
     print(f"peak_bytes {mem.peak_bytes}  naive_bytes {mem.naive_bytes}")
+    if "cuda_memory" in result:
+        est = dict(result["cuda_memory"])
+        total = est.pop("total")
+        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est.items() if v)
+        print(f"cuda memory estimate: {total / 2**30:.2f} GiB ({parts} GiB; + ~1 GiB context and libraries)")
     if args.dump:
         print(f"dumped every stage to {args.dump}")
     return 0

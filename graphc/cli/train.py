@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from graphc.cli.common import add_backend_args, add_model_args, positive
+from graphc.cli.common import add_backend_args, add_model_args, int_at_least, positive
 from graphc.errors import GraphcError
 
 HELP = "train GPT-2 (forward + autodiff backward + AdamW) on llm.c token shards"
@@ -20,6 +20,11 @@ def add_arguments(p):
     p.add_argument("-b", dest="B", type=positive("-b"), default=4, help="batch size (default 4)")
     p.add_argument("-t", dest="T", type=positive("-t"), default=64, help="sequence length (default 64)")
     p.add_argument("--steps", type=positive("--steps"), required=True, help="optimizer steps, numbered 0..N-1")
+    p.add_argument("--total-batch-size", type=int_at_least("--total-batch-size", 0), default=0, metavar="TOKENS",
+                   help="tokens per optimizer step, a multiple of B*T: gradients of TOKENS/(B*T) micro-batches "
+                        "are averaged (llm.c's -d; default 0: B*T, no accumulation)")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute GELU and layer-norm outputs in backward instead of keeping them (less memory)")
     o = p.add_argument_group("optimizer (AdamW as llm.c)")
     o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     o.add_argument("--beta1", type=float, default=0.9)
@@ -82,6 +87,7 @@ def train(args, parallel) -> int:
     from graphc.runtime.optimizer import AdamWConfig
     from graphc.runtime.trainer import TrainConfig, Trainer
 
+    grad_accum = grad_accum_steps(args.total_batch_size, args.B, args.T, parallel.world if parallel else 1)
     params = load_model(args.model, args.seed)
     config = TrainConfig(
         B=args.B, T=args.T, steps=args.steps,
@@ -91,7 +97,7 @@ def train(args, parallel) -> int:
         decay_matrices_only=args.decay_matrices_only, val_every=args.val_every, val_batches=args.val_batches,
         sample_every=args.sample_every, sample_tokens=args.sample_tokens, seed=args.seed, shuffle=args.shuffle,
         checkpoint_every=args.checkpoint_every, backend=args.backend, precision=args.precision,
-        opt=not args.no_opt, zero=args.zero,
+        opt=not args.no_opt, grad_accum=grad_accum, recompute=args.recompute, zero=args.zero,
     )
     sampler = make_sampler(config) if args.sample_every > 0 else None
     trainer = Trainer(params, args.train_data, args.val_data, config, out=args.out, sampler=sampler,
@@ -116,6 +122,18 @@ def train(args, parallel) -> int:
         print(f"stopped after step {trainer.step - 1}{where}", flush=True)
         return 130
     return 0
+
+
+def grad_accum_steps(total_batch_size: int, B: int, T: int, gpus: int = 1) -> int:
+    """Micro-batches per step for ``--total-batch-size`` tokens (0: one), as llm.c's ``-d``
+    (the tokens of all GPUs together: each of ``gpus`` ranks reads B*T per micro-batch)."""
+    if total_batch_size == 0:
+        return 1
+    if total_batch_size % (B * T * gpus):
+        per = f"B*T = {B}*{T}" if gpus == 1 else f"B*T*GPUs = {B}*{T}*{gpus}"
+        raise GraphcError(None, f"{total_batch_size} tokens is not a multiple of {per} = {B * T * gpus}",
+                          "--total-batch-size")
+    return total_batch_size // (B * T * gpus)
 
 
 def make_sampler(config):

@@ -74,33 +74,37 @@ class Nccl:
 
 
 # ============================================================================ program steps
-def touched_range(step, storage_id: int) -> tuple[int, int] | None:
-    """Elements [lo, hi) of storage ``storage_id`` that ``step`` may read or write (None: none)."""
+def touched_spans(step, storage_id: int) -> list[tuple[int, int]]:
+    """Element spans [lo, hi) of storage ``storage_id`` that ``step`` may read or write, one
+    per tensor argument (a whole-storage argument: everything)."""
     from graphc.backends.cuda.program import KernelStep, MemsetStep
     from graphc.backends.cuda.tensor import Storage, Tensor
 
     items = step.args if isinstance(step, KernelStep) else [step.tensor] if isinstance(step, MemsetStep) \
         else getattr(step, "tensors", [])
-    lo, hi = None, None
+    spans = []
     for a in items:
         if isinstance(a, Storage) and a.id == storage_id:
-            return 0, 1 << 62
+            return [(0, 1 << 62)]
         if isinstance(a, Tensor) and a.storage.id == storage_id:
-            span_lo = a.offset + sum(s * (d - 1) for d, s in zip(a.shape, a.strides) if s < 0)
-            span_hi = a.offset + sum(s * (d - 1) for d, s in zip(a.shape, a.strides) if s > 0) + 1
-            lo = span_lo if lo is None else min(lo, span_lo)
-            hi = span_hi if hi is None else max(hi, span_hi)
-    return None if lo is None else (lo, hi)
+            lo = a.offset + sum(s * (d - 1) for d, s in zip(a.shape, a.strides) if s < 0)
+            hi = a.offset + sum(s * (d - 1) for d, s in zip(a.shape, a.strides) if s > 0) + 1
+            spans.append((lo, hi))
+    return spans
+
+
+def overlaps(spans, ranges) -> bool:
+    return any(lo < off + size and off < hi for lo, hi in spans for off, size in ranges)
 
 
 def ready_after(steps: list, storage_id: int, buckets) -> list[int]:
     """For each bucket: the index of the last step touching any of its ranges (-1: none)."""
-    spans = [touched_range(s, storage_id) for s in steps]
+    spans = [touched_spans(s, storage_id) for s in steps]
     out = []
     for b in buckets:
         last = -1
-        for i, span in enumerate(spans):
-            if span is not None and any(span[0] < off + size and off < span[1] for off, size in b.ranges):
+        for i, sp in enumerate(spans):
+            if overlaps(sp, b.ranges):
                 last = i
         out.append(last)
     return out
