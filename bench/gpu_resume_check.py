@@ -13,10 +13,11 @@ from graphc.runtime.trainer import TrainConfig, Trainer
 
 data = Path(sys.argv[1])
 out = Path(sys.argv[2])
+backend = sys.argv[3] if len(sys.argv) > 3 else "cuda"
 
 
 def trainer(name):
-    cfg = TrainConfig(B=4, T=64, steps=10, val_every=4, val_batches=2, backend="cuda", precision="bf16",
+    cfg = TrainConfig(B=4, T=64, steps=10, val_every=4, val_batches=2, backend=backend, precision="bf16",
                       grad_accum=2, recompute=True, adamw=AdamWConfig(lr=3e-4, grad_clip=1.0, weight_decay=0.1),
                       warmup=2, lr_final_frac=0.1)
     lines = []
@@ -36,7 +37,7 @@ strip = lambda ls: [l.split(" (took")[0] for l in ls if l.startswith("step")]  #
 same = strip(first_lines) + strip(second_lines) == strip(full_lines)
 same_bin = (out / "full" / "model.bin").read_bytes() == (out / "split" / "model.bin").read_bytes()
 print("\n".join(full_lines[-4:]))
-print(f"resume bit for bit on cuda: losses {same}, model.bin {same_bin}")
+print(f"resume bit for bit on {backend}: losses {same}, model.bin {same_bin}")
 from graphc.backends import get_backend  # noqa: E402
 from graphc.data.shards import TokenLoader  # noqa: E402
 from graphc.models.llmc import load_llmc  # noqa: E402
