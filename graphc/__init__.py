@@ -12,5 +12,6 @@ OPSET = 24
 
 24 is the newest opset TensorRT 10.15's parser accepts (9 to 24) and it has everything a
 transformer wants as standard ops: LayerNormalization (17), Gelu with tanh (20),
-Attention (23) and TensorScatter (24) for an in-place KV cache. onnxruntime >= 1.22 runs it.
+Attention (23) and TensorScatter (24) for an in-place KV cache. onnxruntime loads it from
+1.24 and runs TensorScatter from 1.25 (``graphc/versions.py`` checks this at start).
 """

@@ -31,9 +31,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = os.fspath(path)  # a failed write names the file it was for
         raise
 
 
@@ -65,3 +67,52 @@ def open_input(path: str | os.PathLike, what: str) -> BinaryIO:
     if path.is_dir():
         raise GraphcError(path, f"{what} is a directory, expected a file")
     return open(path, "rb")
+
+
+TEMPORARY_GLOB = ".*.tmp"
+"""What :func:`atomic_write` and the checkpoint writer leave behind when they are killed."""
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of killed writes in ``folder`` and its checkpoint folders.
+
+    A SIGKILL during a write leaves ``.NAME.XXXX.tmp`` (never a half-written NAME); the next
+    run in the same folder removes them so they do not pile up.
+    """
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        for leftover in sub.glob(TEMPORARY_GLOB):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            removed.append(leftover)
+    return removed
+
+
+def remove_leftovers_of(*paths: str | os.PathLike) -> list[Path]:
+    """Remove what killed writes of exactly these outputs left beside them (``.NAME.XXXX.tmp``).
+
+    Unlike :func:`remove_leftovers` this touches only names graphc's writers give these
+    outputs, so it is safe in any folder (a home directory, say)."""
+    import glob
+    import shutil
+
+    removed = []
+    for path in map(Path, paths):
+        if not path.parent.is_dir():
+            continue
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            removed.append(leftover)
+    return removed

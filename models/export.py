@@ -106,6 +106,35 @@ def to_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     return optimized
 
 
+FUSION_OPSET = {"fuse_layernorm": 17, "fuse_gelu": 20, "fuse_attention": 23}
+"""Each export fusion and the opset that made its op standard: LayerNormalization (17),
+Gelu with ``approximate="tanh"`` (20), Attention (23). Below that opset the pattern stays
+in primitive ops."""
+
+
+def fuse_for_export(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The inference pipeline (``passes/pipelines.py``), without fusions ``opset`` cannot express.
+
+    Consumers find the standard ops: onnxruntime's graph optimizer and its transformer
+    fusions run on LayerNormalization/Gelu/Attention nodes, and TensorRT maps them to its
+    own fused layers, where the primitive form would leave them nothing to recognise.
+    """
+    from graphc.passes.manager import PassManager
+    from graphc.passes.pipelines import PIPELINES, make_passes
+
+    names = [n for n in PIPELINES["infer"] if FUSION_OPSET.get(n, 0) <= opset]
+    fused, _ = PassManager(make_passes(names), name=f"export (opset {opset})").run(model)
+    return fused
+
+
+def ir_version_for(opset: int) -> int:
+    """The IR version released with ``opset`` (onnx's table): 8 for 18, 10 for 21, 12 for 24.
+
+    Runtimes refuse IR versions newer than they know, so an ``--opset 18`` export for an
+    older onnxruntime must not carry the newest IR."""
+    return onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)], ignore_unknown=True)
+
+
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """``model`` at ``opset`` (graphc builds at :data:`graphc.OPSET`), or a one-line error."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -176,27 +205,90 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *,
         os.replace(tmp_model, path)
         written.insert(0, path)
         return written
+    except OSError as e:  # a full disk: name the output (the previous one is untouched)
+        if e.filename is None or str(tmpdir) in str(e.filename):
+            e.filename = os.fspath(path)
+        raise
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmpdir)
 
 
 def export_onnx(params: Params, out: str | os.PathLike, *, kv_cache: bool = False, opset: int = OPSET,
-                external_threshold: int = EXTERNAL_DATA_THRESHOLD, precision: str = "fp32") -> list[Path]:
-    """Build, set the precision, convert to ``opset``, bind the weights and save: the whole
-    ``graphc export``."""
+                primitive_ops: bool = False, external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                precision: str = "fp32") -> list[Path]:
+    """Build, fuse (unless ``primitive_ops``), set the precision, convert to ``opset``, bind
+    the weights and save: the whole ``graphc export``."""
+    from graphc import __version__
+
     out = Path(out)
     if out.is_dir():
         raise GraphcError(out, "is a directory; --out needs a file name such as model.onnx", "--out")
+    if not MIN_OPSET < opset <= MAX_OPSET:
+        raise GraphcError(None, f"opset {opset} is not supported; use {MIN_OPSET + 1}..{MAX_OPSET}", "--opset")
     model = kv_cache_model(params) if kv_cache else plain_model(params)
-    model = to_precision(model, precision)
+    if precision != "fp32":
+        model = to_precision(model, precision)   # the inference pipeline (fused) + the BF16 pass
+    elif not primitive_ops:
+        model = fuse_for_export(model, opset)
     model = convert_opset(model, opset)  # before binding: the converter serialises the whole model
     model = bind(model, params)
+    model.ir_version = ir_version_for(opset)
     model.producer_name = "graphc"
+    model.producer_version = __version__
     model.doc_string = (f"GPT-2 ({params.cfg.describe()}) exported by graphc"
                         + (", decoder with past (KV cache)" if kv_cache else "")
                         + (f", {precision} mixed precision" if precision != "fp32" else ""))
     return save_onnx(model, out, external_threshold=external_threshold)
+
+
+def genai_config(cfg, filename: str) -> dict:
+    """onnxruntime-genai's ``genai_config.json`` for the KV-cache export in ``filename``.
+
+    ``"type": "decoder"`` is genai's generic decoder-only model: it feeds ``input_ids``,
+    ``attention_mask``, ``position_ids`` and the ``past_key_values.%d.key|value`` graphc's
+    decoder-with-past takes, and reads back ``logits`` and ``present.%d.key|value``.
+    """
+    eot = cfg.vocab_size - 1 if cfg.vocab_size == 50257 else 0   # GPT-2's <|endoftext|>
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+            "context_length": cfg.max_seq_len,
+            "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.n_embd,
+                "num_attention_heads": cfg.n_head,
+                "num_key_value_heads": cfg.n_head,
+                "num_hidden_layers": cfg.n_layer,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits",
+                            "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": cfg.max_seq_len, "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+                   "top_k": 1, "top_p": 1.0, "min_length": 0, "early_stopping": True, "length_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+
+
+def write_genai_config(cfg, model_path: str | os.PathLike) -> Path:
+    """``genai_config.json`` beside ``model_path`` (written atomically)."""
+    import json
+
+    from graphc.fileio import atomic_write
+
+    model_path = Path(model_path)
+    path = model_path.parent / "genai_config.json"
+    with atomic_write(path, "w") as f:
+        json.dump(genai_config(cfg, model_path.name), f, indent=2)
+    return path
 
 
 def export_weights(params: Params, folder: str | os.PathLike) -> list[Path]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from graphc.errors import GraphcError
 from graphc.models.config import GPT2Config, padded
-from graphc.models.params import Params
+from graphc.models.params import Params, require_finite
 from graphc.models.safetensors_io import read_safetensors, write_safetensors
 
 # llm.c tensor -> (HF per-layer suffix, transpose?)
@@ -70,7 +70,7 @@ def read_gpt2_config(cfg_path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GraphcError(cfg_path, f"unreadable config ({e.__class__.__name__})") from None
     if not isinstance(meta, dict):
-        raise GraphcError(cfg_path, "not a JSON object")
+        raise GraphcError(cfg_path, f"is a JSON {type(meta).__name__}, expected an object")
     problem = gpt2_config_problem(meta)
     if problem:
         raise GraphcError(cfg_path, problem)
@@ -90,17 +90,33 @@ def _config(tensors: dict[str, np.ndarray], meta: dict | None, cfg_path: Path | 
     H = C // 64
     eps = 1e-5
     if meta is not None:
-        L = int(meta.get("n_layer", L))
-        H = int(meta.get("n_head", H))
-        if int(meta.get("n_embd", C)) != C:
+        L = _number(meta, "n_layer", L, int, cfg_path)
+        H = _number(meta, "n_head", H, int, cfg_path)
+        if _number(meta, "n_embd", C, int, cfg_path) != C:
             raise GraphcError(cfg_path, f"n_embd {meta['n_embd']} does not match wte.weight's {C}", "n_embd")
-        if int(meta.get("vocab_size", V)) != V:
+        if _number(meta, "vocab_size", V, int, cfg_path) != V:
             raise GraphcError(cfg_path, f"vocab_size {meta['vocab_size']} does not match wte.weight's {V}", "vocab_size")
-        eps = float(meta.get("layer_norm_epsilon", eps))
+        eps = _number(meta, "layer_norm_epsilon", eps, float, cfg_path)
+        for key, value in (("n_layer", L), ("n_head", H), ("layer_norm_epsilon", eps)):
+            if value <= 0:
+                raise GraphcError(cfg_path, f"must be positive, got {value}", key)
+        if C % H:
+            raise GraphcError(cfg_path, f"n_embd {C} is not divisible by n_head {H}", "n_head")
     if L == 0:
         raise GraphcError(where, "no transformer layers (h.0.*) found", "h.0")
     return GPT2Config(n_layer=L, n_head=H, n_embd=C, vocab_size=V, padded_vocab_size=padded(V), max_seq_len=maxT,
                       ln_eps=eps)
+
+
+def _number(meta: dict, key: str, default, kind, where):
+    """``meta[key]`` as an int (or float), or a one-line error naming the field: ``"n_head": "four"``."""
+    value = meta.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        raise GraphcError(where, f"must be {'an integer' if kind is int else 'a number'}, got {json.dumps(value)}", key)
+    return kind(value)
 
 
 def load_hf(path: str | os.PathLike) -> Params:
@@ -131,7 +147,7 @@ def load_hf(path: str | os.PathLike) -> Params:
             hf_shape = shape[::-1] if transpose else shape
             value = fetch(f"h.{layer}.{suffix}", hf_shape)
             block[layer] = value.T if transpose else value
-    return params
+    return require_finite(params, weights)
 
 
 def hf_tensors(params: Params, dtype=np.float32) -> dict[str, np.ndarray]:

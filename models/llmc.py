@@ -29,7 +29,7 @@ import numpy as np
 from graphc.errors import GraphcError
 from graphc.fileio import atomic_write, open_input, read_array
 from graphc.models.config import GPT2Config
-from graphc.models.params import Params, num_parameters
+from graphc.models.params import Params, num_parameters, require_finite
 
 MAGIC = 20240326
 HEADER_INTS = 256
@@ -37,9 +37,12 @@ VERSION_DTYPES = {3: np.dtype(np.float32), 5: np.dtype(ml_dtypes.bfloat16)}
 
 
 def read_header(path, f) -> tuple[GPT2Config, int]:
+    head = f.read(4)
+    if len(head) < 4 or int.from_bytes(head, "little") != MAGIC:
+        found = f"bad magic {int.from_bytes(head, 'little')}" if len(head) == 4 else f"only {len(head)} bytes"
+        raise GraphcError(path, f"{found}, expected magic {MAGIC} (not an llm.c model file)", "header.magic")
+    f.seek(0)
     header = read_array(f, np.int32, HEADER_INTS, path, "header")
-    if header[0] != MAGIC:
-        raise GraphcError(path, f"bad magic {int(header[0])}, expected {MAGIC} (not an llm.c model file)", "header.magic")
     version = int(header[1])
     if version not in VERSION_DTYPES:
         raise GraphcError(path, f"unknown version {version}, expected 3 (fp32) or 5 (bf16)", "header.version")
@@ -72,7 +75,7 @@ def load_llmc(path: str | os.PathLike) -> Params:
                               "parameters")
         raw = read_array(f, dtype, n, path, "parameters")
     flat = raw if dtype == np.float32 else raw.astype(np.float32)
-    return Params(cfg, np.ascontiguousarray(flat))
+    return require_finite(Params(cfg, np.ascontiguousarray(flat)), path)
 
 
 def save_llmc(params: Params, path: str | os.PathLike, version: int = 3) -> None:

@@ -20,6 +20,7 @@ import dataclasses
 
 import numpy as np
 
+from graphc.errors import GraphcError
 from graphc.models.config import GPT2Config
 
 # llm.c's tensor order. Per-layer tensors have a leading L axis in the flat buffer; the
@@ -138,3 +139,15 @@ class Params:
 
     def copy(self) -> "Params":
         return Params(self.cfg, self.flat.copy())
+
+
+def require_finite(params: "Params", where, field: str = "parameters") -> "Params":
+    """A model file with NaN/inf weights (a diverged run) is bad input, not something to sample
+    from: it would generate token 0 forever."""
+    bad = int(np.count_nonzero(~np.isfinite(params.flat)))
+    if bad:
+        first = next(s.name for s in params.specs
+                     if not np.isfinite(params.flat[s.offset:s.offset + s.size]).all())
+        raise GraphcError(where, f"{bad} weights are not finite (NaN/inf), first in {first}: "
+                          "the model diverged; use an earlier checkpoint", field)
+    return params

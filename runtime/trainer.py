@@ -116,9 +116,7 @@ class Trainer:
         if params.cfg != self.params.cfg:
             raise GraphcError(self.out, f"checkpoint model ({params.cfg.describe()}) differs from --model "
                               f"({self.params.cfg.describe()})", "--resume")
-        saved = state.get("config", {})
-        now = self.config.resumable()
-        diffs = [k for k in now if k in saved and saved[k] != now[k]]
+        diffs = checkpoint.settings_differ(state.get("config", {}), self.config.resumable())
         if diffs:
             raise GraphcError(self.out, f"settings differ from the interrupted run: {', '.join(diffs)} "
                               "(resume needs the same ones to continue bit for bit)", "--resume")
@@ -164,6 +162,7 @@ class Trainer:
             self.loader_state = self.train_loader.state()
             self.prefetched = self.next_batches()
         loss = self.program.wait().loss
+        require_finite_loss(loss, self.step, self.out)   # before anything is saved from these weights
         ms = (time.perf_counter() - t0) * 1000
         self.emit(f"step {self.step}: train loss {loss:.6f} (took {ms:.1f} ms)")
         self.log.add("train", self.step, loss, lr, ms)
@@ -179,6 +178,14 @@ class Trainer:
         """Train until ``config.steps`` (or after step ``stop_after``, as if interrupted)."""
         c = self.config
         progress = Progress(c.steps, c.tokens_per_step, self.step)
+        emit, self.emit = self.emit, progress.clearing(self.emit)
+        try:
+            return self._run(progress, stop_after)
+        finally:
+            self.emit = emit
+
+    def _run(self, progress: "Progress", stop_after: int | None) -> TrainLog:
+        c = self.config
         while self.step < c.steps:
             s = self.step
             if c.val_every > 0 and s % c.val_every == 0:
@@ -214,6 +221,17 @@ def report_setup(program, seconds: float) -> None:
     sys.stderr.flush()
 
 
+def require_finite_loss(loss: float, step: int, out: Path | None) -> None:
+    """Stop before a non-finite loss reaches the weights: the last checkpoint stays the last good one."""
+    if np.isfinite(loss):
+        return
+    kept = ""
+    if out is not None and (out / "latest").exists():
+        kept = f"; the last good checkpoint is kept ({out / (out / 'latest').read_text().strip()})"
+    raise GraphcError(out or "train", f"the loss became {loss} at step {step}; training stopped{kept} "
+                      "(try a lower --lr or --grad-clip 1)", "loss")
+
+
 class Progress:
     """Progress on stderr: steps, tokens/s and ETA.
 
@@ -239,6 +257,19 @@ class Progress:
         sys.stderr.write(f"\r{line}   " if self.tty else f"progress: {line}\n")
         sys.stderr.flush()
 
+    def clearing(self, emit: Callable[[str], None]) -> Callable[[str], None]:
+        """``emit`` that first erases the progress line on a terminal (else they run together)."""
+        if not self.tty:
+            return emit
+
+        def emit_clear(line: str) -> None:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            emit(line)
+
+        return emit_clear
+
     def close(self) -> None:
         if self.tty and self.ms:
-            sys.stderr.write("\n")
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from graphc.backends import REGISTRY
 from graphc.errors import GraphcError
@@ -14,7 +15,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="llm.c .bin, HF model.safetensors (file or folder), a pretrained model "
                         "(gpt2, gpt2-medium, gpt2-large, gpt2-xl, ORG/NAME, hf:ORG/NAME[@REV]: Hugging Face "
                         "cache, else downloaded), or a size for a seeded random init (d12, d24, d36, d48, L4H4C128)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random init and sampling (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for random init and sampling (default 0)")
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -34,18 +35,21 @@ def add_precision_arg(p: argparse.ArgumentParser, what: str = "") -> None:
                    help="compute precision (default fp32)" + (f"; {what}" if what else ""))
 
 
-def int_at_least(name: str, minimum: int):
-    """An argparse type: an integer >= ``minimum``, with a message naming the flag."""
+def int_at_least(name: str, minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]; argparse names the flag in the message."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
+    parse.__name__ = "integer"
     return parse
 
 
@@ -53,6 +57,36 @@ def positive(name: str):
     return int_at_least(name, 1)
 
 
+SEED = int_at_least("--seed", 0, 2**32 - 1)
+"""Seeds feed numpy's generators, which take 0 .. 2**32 - 1."""
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False):
+    """An argparse type: a finite float in the given range (``nan``/``inf`` never train well).
+
+    ``number(0, low_open=True)`` is ``> 0``; ``number(0, 1, high_open=True)`` is ``[0, 1)``.
+    """
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    where = f"in {lo}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{hi}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if ((low is not None and (value < low or (low_open and value == low)))
+                or (high is not None and (value > high or (high_open and value == high)))):
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def check_seq_len(cfg: GPT2Config, T: int, flag: str = "-t") -> None:
     if T > cfg.max_seq_len:
-        raise GraphcError(flag, f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}", "T")
+        raise GraphcError(None, f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}", flag)

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from graphc.backends import REGISTRY
 from graphc.cli.common import add_precision_arg, check_seq_len, positive
+from graphc.outputs import check_output_dir
 
 HELP = "optimise the GPT-2 training or inference graph and report every pass and the memory plan"
 
@@ -121,10 +123,18 @@ def compile_model(cfg, mode: str, B: int, T: int, dump_dir=None, precision: str 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dump is not None:
+        check_output_dir(args.dump, "--dump")
     cfg = model_config(args.model)
     check_seq_len(cfg, args.T)
-    result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump, precision=args.precision,
-                           backend=args.backend, recompute=args.recompute)
+    try:
+        result = compile_model(cfg, args.mode, args.B, args.T, dump_dir=args.dump, precision=args.precision,
+                               backend=args.backend, recompute=args.recompute)
+    except OSError as e:  # the dumps are the only files compile writes: name their folder
+        dump = args.dump or os.environ.get("GRAPHC_DUMP_DIR")
+        if e.filename is None and dump:
+            e.filename = os.fspath(dump)
+        raise
     report, mem = result.pop("_report"), result.pop("_plan")
     if args.json:
         print(json.dumps(result))

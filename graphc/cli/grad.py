@@ -11,7 +11,8 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from graphc.errors import GraphcError
-from graphc.fileio import atomic_write
+from graphc.fileio import atomic_write, remove_leftovers_of
+from graphc.outputs import check_output_file
 
 HELP = "append the backward pass to an ONNX model: outputs the loss and grad.<name> for each --wrt"
 
@@ -101,6 +102,8 @@ def _externalize(t: onnx.TensorProto, f, location: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from graphc.passes.autodiff import differentiate
 
+    check_output_file(args.out, "--out")
+    remove_leftovers_of(args.out, args.out + ".data")
     model = load_model(args.model)
     wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
     if not wrt:

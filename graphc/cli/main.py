@@ -8,13 +8,18 @@ Each subcommand lives in its own module ``graphc.cli.<name>`` exposing
 
 :data:`COMMANDS` is the registry; adding a command is adding a module and one line here.
 A :class:`~graphc.errors.GraphcError` from any command is printed as one line
-(``error: <file>: <field>: <what>``) with exit status 2 and no traceback.
+(``error: <file>: <field>: <what>``) with exit status 2 and no traceback; so are flag
+errors (:class:`OneLineParser`: the usage block only with ``--help``), bad environment
+variables (:mod:`graphc.cli.environment`), a too-old onnx/onnxruntime
+(:mod:`graphc.versions`) and OS errors while reading or writing (a full disk, a read-only
+file system). SIGINT exits 130 and SIGTERM 143, each with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from graphc.errors import GraphcError
@@ -26,10 +31,33 @@ def _load(name: str):
     return importlib.import_module(f"graphc.cli.{name.replace('-', '_')}")
 
 
+class UsageError(GraphcError):
+    """A flag argparse refused: ``error: graphc train: --lr: invalid float value: 'x'``."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the usage block is for ``--help``)."""
+
+    def error(self, message: str):
+        field = None
+        if message.startswith("argument ") and ": " in message:
+            field, message = message[len("argument "):].split(": ", 1)
+            field = field.split("/")[0]
+        raise UsageError(self.prog, message, field)
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which handles it itself: checkpoint, then exit)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def build_parser(available: list[str] | None = None) -> argparse.ArgumentParser:
     from graphc import __version__
 
-    parser = argparse.ArgumentParser(prog="graphc", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="graphc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"graphc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -47,17 +75,45 @@ def build_parser(available: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from graphc.cli.environment import check_environment
+    from graphc.outputs import os_error_line
+    from graphc.versions import check_versions
+
+    previous = _install(signal.SIGTERM, _terminate)
     try:
+        args = build_parser().parse_args(argv)
+        check_environment()
+        check_versions()
         return int(args._module.run(args) or 0)
     except GraphcError as e:
-        print(f"error: {e.one_line()}", file=sys.stderr)
-        return 2
+        return _fail(e)
+    except BrokenPipeError:
+        return 0
+    except OSError as e:  # a full disk, a read-only file system ... met while writing or reading
+        return _fail(os_error_line(e))
+    except MemoryError:
+        return _fail(GraphcError(None, "out of memory (try a smaller model, batch or sequence length)"))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        _install(signal.SIGTERM, previous)
+
+
+def _fail(e: GraphcError) -> int:
+    print(f"error: {e.one_line()}", file=sys.stderr)
+    return 2
+
+
+def _install(signum, handler):
+    """Set a signal handler where Python allows it (the main thread); returns the previous one."""
+    try:
+        return signal.signal(signum, handler)
+    except (ValueError, TypeError):  # not the main thread, or no previous Python handler to restore
+        return None
 
 
 if __name__ == "__main__":

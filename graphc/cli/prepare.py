@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from graphc.data.prepare import DEFAULT_VAL_TOKENS, find_tinyshakespeare, prepare_tinyshakespeare
+from graphc.cli.common import int_at_least
+from graphc.data.prepare import (DEFAULT_VAL_TOKENS, TOKENIZER_FILENAME, TRAIN_FILENAME, VAL_FILENAME,
+                                 find_tinyshakespeare, prepare_tinyshakespeare)
+from graphc.fileio import remove_leftovers_of
+from graphc.outputs import check_output_dir
 
 HELP = "tokenize Tiny Shakespeare into llm.c-format train/val token shards (as llm.c's tinyshakespeare.py)"
 
@@ -33,16 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write this model as llm.c's gpt2_<size>.bin and gpt2_<size>_bf16.bin (gpt2: OpenAI's GPT-2 124M)",
     )
     parser.add_argument(
-        "--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, metavar="N", help="first N tokens form the validation split (default: %(default)s)"
+        "--val-tokens", type=int_at_least("--val-tokens", 1), default=DEFAULT_VAL_TOKENS, metavar="N", help="first N tokens form the validation split (default: %(default)s)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     params = None
     if args.model is not None:  # first: a model that cannot be had stops the run before anything is written
         from graphc.models.load import load_model
 
         params = load_model(args.model)
+    remove_leftovers_of(*(Path(args.out) / name for name in (VAL_FILENAME, TRAIN_FILENAME, TOKENIZER_FILENAME)))
     input_path = args.input if args.input is not None else find_tinyshakespeare()
     result = prepare_tinyshakespeare(input_path, args.out, tokenizer_dir=args.tokenizer_dir, val_tokens=args.val_tokens)
     print(f"wrote {result.val_tokens} val tokens to {result.val_path}")

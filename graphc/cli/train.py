@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from graphc.cli.common import add_backend_args, add_model_args, int_at_least, positive
+from graphc.cli.common import add_backend_args, add_model_args, check_seq_len, int_at_least, number, positive
 from graphc.errors import GraphcError
 
 HELP = "train GPT-2 (forward + autodiff backward + AdamW) on llm.c token shards"
@@ -24,37 +24,46 @@ def add_arguments(p):
     p.add_argument("--recompute", action="store_true",
                    help="recompute GELU and layer-norm outputs in backward instead of keeping them (less memory)")
     o = p.add_argument_group("optimizer (AdamW as llm.c)")
-    o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    o.add_argument("--beta1", type=float, default=0.9)
-    o.add_argument("--beta2", type=float, default=0.999)
-    o.add_argument("--eps", type=float, default=1e-8)
-    o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default 0)")
+    o.add_argument("--lr", type=number(0, low_open=True), default=1e-4, help="peak learning rate (default 1e-4)")
+    o.add_argument("--beta1", type=number(0, 1, high_open=True), default=0.9)
+    o.add_argument("--beta2", type=number(0, 1, high_open=True), default=0.999)
+    o.add_argument("--eps", type=number(0, low_open=True), default=1e-8)
+    o.add_argument("--weight-decay", type=number(0), default=0.0, help="decoupled weight decay (default 0)")
     o.add_argument("--decay-matrices-only", action="store_true",
                    help="decay only 2-D weights (PyTorch/nanoGPT convention); llm.c's CPU trainer decays all")
-    o.add_argument("--grad-clip", type=float, default=0.0, help="global-norm clip, 0 = off (default)")
+    o.add_argument("--grad-clip", type=number(0), default=0.0, help="global-norm clip, 0 = off (default)")
     o.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="cosine: linear warmup then cosine decay to lr*lr-final-frac (constant with the defaults)")
-    o.add_argument("--warmup", type=int, default=0, help="warmup steps (default 0)")
-    o.add_argument("--lr-final-frac", type=float, default=1.0, help="final lr as a fraction of --lr (default 1.0)")
+    o.add_argument("--warmup", type=int_at_least("--warmup", 0), default=0, help="warmup steps (default 0)")
+    o.add_argument("--lr-final-frac", type=number(0, 1), default=1.0, help="final lr as a fraction of --lr (default 1.0)")
     r = p.add_argument_group("run")
-    r.add_argument("--val-every", type=int, default=10, help="val loss before every Kth step (default 10)")
+    r.add_argument("--val-every", type=int_at_least("--val-every", 0), default=10, help="val loss before every Kth step (default 10)")
     r.add_argument("--val-batches", type=positive("--val-batches"), default=5, help="val batches (default 5)")
-    r.add_argument("--sample-every", type=int, default=0, help="print a sample every K steps (default 0: never)")
+    r.add_argument("--sample-every", type=int_at_least("--sample-every", 0), default=0, help="print a sample every K steps (default 0: never)")
     r.add_argument("--sample-tokens", type=positive("--sample-tokens"), default=64, help="tokens per sample")
     r.add_argument("--shuffle", action="store_true", help="seeded shuffle of shards and batches")
     r.add_argument("--out", type=Path, help="folder for checkpoints, the loss log and plot")
-    r.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every K steps (and at the end)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out bit for bit")
+    r.add_argument("--checkpoint-every", type=int_at_least("--checkpoint-every", 0), default=0, help="checkpoint every K steps (and at the end)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out bit for bit (also to more --steps when the schedule allows)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one (its checkpoints are replaced)")
     add_backend_args(p)
 
 
 def run(args) -> int:
     from graphc.models.load import load_model
+    from graphc.outputs import check_output_dir
+    from graphc.runtime import checkpoint
     from graphc.runtime.optimizer import AdamWConfig
     from graphc.runtime.trainer import TrainConfig, Trainer
 
     grad_accum = grad_accum_steps(args.total_batch_size, args.B, args.T)
+    check_outputs(args)
     params = load_model(args.model, args.seed)
+    check_seq_len(params.cfg, args.T)
+    if args.out is not None:  # a checkpoint: model, m, v, the model copy, and the previous checkpoint
+        check_output_dir(args.out, "--out", needed=4 * params.flat.size * 5)
     config = TrainConfig(
         B=args.B, T=args.T, steps=args.steps,
         adamw=AdamWConfig(lr=args.lr, beta1=args.beta1, beta2=args.beta2, eps=args.eps,
@@ -68,7 +77,10 @@ def run(args) -> int:
     sampler = make_sampler(config) if args.sample_every > 0 else None
     trainer = Trainer(params, args.train_data, args.val_data, config, out=args.out, sampler=sampler)
     if args.resume:
-        trainer.resume()
+        with checkpoint.naming_files(args.out):
+            trainer.resume()
+    elif args.overwrite and args.out is not None:
+        checkpoint.remove_run(args.out)  # every input checked: now the old run goes, not before
 
     def request_stop(signum, frame):
         trainer.stop_requested = True
@@ -94,6 +106,29 @@ def grad_accum_steps(total_batch_size: int, B: int, T: int) -> int:
         raise GraphcError(None, f"{total_batch_size} tokens is not a multiple of B*T = {B}*{T} = {B * T}",
                           "--total-batch-size")
     return total_batch_size // (B * T)
+
+
+def check_outputs(args) -> None:
+    """Before any work: --out can be written, holds no other run (unless --resume or
+    --overwrite), and leftovers of a killed checkpoint write are cleaned away."""
+    from graphc.fileio import remove_leftovers
+    from graphc.outputs import check_output_dir
+    from graphc.runtime import checkpoint
+
+    if args.resume and args.overwrite:
+        raise GraphcError(None, "--resume continues the run in --out; --overwrite starts a new one: choose one",
+                          "--overwrite")
+    if args.out is None:
+        if args.resume:
+            raise GraphcError(None, "needs --out DIR holding the run to continue", "--resume")
+        return
+    check_output_dir(args.out, "--out")
+    if args.resume:
+        checkpoint.load(Path(args.out))  # a damaged checkpoint is reported before any graph is built
+    if not args.resume and not args.overwrite and checkpoint.holds_run(args.out):
+        raise GraphcError(args.out, "holds a training run already; continue it with --resume, or use a new "
+                          "directory (or --overwrite to replace it)", "--out")
+    remove_leftovers(args.out)
 
 
 def make_sampler(config):
