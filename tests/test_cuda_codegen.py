@@ -130,3 +130,46 @@ def test_memory_estimate_is_one_line_error():
         check_fits(program, 10 << 30, 1 << 30)
     assert "needs 10.0 GiB" in str(e.value) and "1.0 GiB is free" in str(e.value) and "\n" not in str(e.value)
     check_fits(program, 1 << 20, 1 << 30)
+
+
+def test_mixed_precision_casts_are_two_flat_kernels():
+    """BF16 training bound to a flat parameter buffer and flat gradient targets (as
+    CudaTrainStep binds them): no per-parameter Cast kernels remain, one flat cast converts
+    the masters on entry and one the gradients on exit, every bf16 parameter is a view of
+    the entry copy at its master's offset and every gradient lands in its target."""
+    from graphc.backends.cuda import bind_dims
+    from graphc.backends.cuda.lower import lower
+    from graphc.backends.cuda.program import KernelStep, Program
+    from graphc.backends.cuda.tensor import Tensor
+    from graphc.backends.cuda.train import param_inputs
+    from graphc.models.config import named_config
+    from graphc.passes.autodiff import grad_name
+    from graphc.runtime.programs import param_specs, training_graph
+
+    cfg = named_config("L2H4C64")
+    specs = param_specs(cfg)
+    n = max(s.offset + int(np.prod(s.shape)) for s in specs)
+
+    class Flat:   # a DeviceBuffer's description is all lowering reads
+        nbytes, ptr, shape, dtype = n * 4, 0, (n,), np.float32
+
+    class Params:
+        flat = Flat()
+
+    Params.specs = specs
+    program = Program()
+    inputs = param_inputs(program, Params)
+    grads = Tensor(program.storage(n * 4, "grad", "grads"), (n,), (1,), np.dtype(np.float32))
+    targets = {grad_name(s.name): grads.view(s.shape, contiguous_strides(s.shape), s.offset) for s in specs}
+    model = bind_dims(training_graph(cfg, backend="cuda", precision="bf16"), {"B": 2, "T": 16})
+    lower(model, inputs=inputs, targets=targets, program=program)
+    kernels = [s for s in program.steps if isinstance(s, KernelStep)]
+    assert not [s for s in kernels if s.node.endswith("(Cast)")]
+    flat = [s for s in kernels if s.node.startswith("flat-cast:")]
+    assert [s.node for s in flat] == ["flat-cast:params", "flat-cast:grads"]
+    assert program.steps[0] is flat[0] and program.steps[-1] is flat[1]
+    assert flat[0].args[0].size == n and flat[1].args[0].storage is grads.storage
+    for s in specs:
+        low = program.debug_values[f"{s.name}/bf16"]
+        assert low.storage is flat[0].args[0].storage and low.offset == s.offset
+        assert program.outputs[grad_name(s.name)].storage is grads.storage

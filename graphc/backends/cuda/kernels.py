@@ -182,6 +182,85 @@ extern "C" __global__ void ln_bwd(const {ctype(dy_dt)}* __restrict__ dy, const {
     return src, "ln_bwd"
 
 
+LN_PARTIAL_MAX_C = 1536   # 8 warps x C fp32 in static shared memory (48 KB)
+
+
+def layernorm_bwd_partials(rows: int, C: int, chunks: int, dy_dt, x_dt, w_dt, dx_dt, out_dt, eps: float,
+                           dy_ld: int, x_ld: int):
+    """Layer-norm backward with its weight and bias gradients, no [rows, C] scratch.
+
+    ``ln_bwd_part`` (one block of 8 warps per chunk of rows, a warp per row): dX as
+    :func:`layernorm_bwd`, while each lane accumulates dY*xhat and dY for its columns in
+    registers; the 8 warps' sums are added in warp order and written as the chunk's
+    partials [chunks, 2C]. ``ln_bwd_final`` adds the chunks in order into dW and dB. Fixed
+    order throughout, so deterministic; the fp32 dY*xhat matrix (4 bytes x rows x C written
+    and read back) of the two-pass version is gone."""
+    nc = -(-C // 32)
+    per = -(-rows // chunks)
+    src = PRELUDE + f"""
+extern "C" __global__ void ln_bwd_part(const {ctype(dy_dt)}* __restrict__ dy, const {ctype(x_dt)}* __restrict__ x,
+                                       const {ctype(w_dt)}* __restrict__ w, {ctype(dx_dt)}* __restrict__ dx,
+                                       float* __restrict__ part) {{
+  __shared__ float red[8][{C}];
+  const int wid = threadIdx.x / 32, lane = threadIdx.x % 32, chunk = blockIdx.x;
+  const int r0 = chunk * {per}, r1 = min({rows}, r0 + {per});
+  float aw[{nc}], ab[{nc}];
+  #pragma unroll
+  for (int k = 0; k < {nc}; ++k) {{ aw[k] = 0.f; ab[k] = 0.f; }}
+  for (int row = r0 + wid; row < r1; row += 8) {{
+    const i64 xo = (i64)row * {x_ld}LL, go = (i64)row * {dy_ld}LL, oo = (i64)row * {C}LL;
+    float s = 0.f;
+    for (int c = lane; c < {C}; c += 32) s += ld(x, xo + c);
+    const float mean = warp_sum(s) / {C}.f;
+    float v = 0.f;
+    for (int c = lane; c < {C}; c += 32) {{ float d = ld(x, xo + c) - mean; v += d * d; }}
+    const float rstd = 1.f / sqrtf(warp_sum(v) / {C}.f + {lit(eps, np.float32)});
+    float m1 = 0.f, m2 = 0.f;
+    for (int c = lane; c < {C}; c += 32) {{
+      float xhat = (ld(x, xo + c) - mean) * rstd, g = ld(dy, go + c) * ld(w, c);
+      m1 += g; m2 += g * xhat;
+    }}
+    m1 = warp_sum(m1) / {C}.f; m2 = warp_sum(m2) / {C}.f;
+    #pragma unroll
+    for (int k = 0; k < {nc}; ++k) {{
+      const int c = lane + 32 * k;
+      if (c < {C}) {{
+        float xhat = (ld(x, xo + c) - mean) * rstd, d = ld(dy, go + c), g = d * ld(w, c);
+        st(dx, oo + c, (g - m1 - xhat * m2) * rstd);
+        aw[k] += d * xhat; ab[k] += d;
+      }}
+    }}
+  }}
+  #pragma unroll
+  for (int k = 0; k < {nc}; ++k) {{ const int c = lane + 32 * k; if (c < {C}) red[wid][c] = aw[k]; }}
+  __syncthreads();
+  for (int c = threadIdx.x; c < {C}; c += blockDim.x) {{
+    float t = red[0][c];
+    for (int q = 1; q < 8; ++q) t += red[q][c];
+    part[(i64)chunk * {2 * C} + c] = t;
+  }}
+  __syncthreads();
+  #pragma unroll
+  for (int k = 0; k < {nc}; ++k) {{ const int c = lane + 32 * k; if (c < {C}) red[wid][c] = ab[k]; }}
+  __syncthreads();
+  for (int c = threadIdx.x; c < {C}; c += blockDim.x) {{
+    float t = red[0][c];
+    for (int q = 1; q < 8; ++q) t += red[q][c];
+    part[(i64)chunk * {2 * C} + {C} + c] = t;
+  }}
+}}
+extern "C" __global__ void ln_bwd_final(const float* __restrict__ part, {ctype(out_dt)}* __restrict__ dw,
+                                        {ctype(out_dt)}* __restrict__ db) {{
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= {2 * C}) return;
+  float s = 0.f;
+  for (int k = 0; k < {chunks}; ++k) s += part[(i64)k * {2 * C} + c];
+  if (c < {C}) st(dw, c, s); else st(db, c - {C}, s);
+}}
+"""
+    return src, ("ln_bwd_part", "ln_bwd_final")
+
+
 COLSUM_CHUNKS = 64
 
 
@@ -208,6 +287,31 @@ extern "C" __global__ void colsum_final(const float* __restrict__ part, {ctype(o
 }}
 """
     return src, ("colsum_partial", "colsum_final")
+
+
+COLSUM_ONE_PASS_ROWS = 2048
+
+
+def colsum_one_pass(rows: int, cols: int, in_dt, out_dt, ld_: int):
+    """The same column sum in one launch for few rows (launch-bound steps): a block of
+    32 columns x 8 row groups; each thread sums its rows (r = group mod 8) in order, then the
+    8 partials are added in group order. Fixed order, so deterministic."""
+    src = PRELUDE + f"""
+extern "C" __global__ void colsum_one(const {ctype(in_dt)}* __restrict__ x, {ctype(out_dt)}* __restrict__ out) {{
+  __shared__ float part[8][33];
+  const int c = blockIdx.x * 32 + threadIdx.x, g = threadIdx.y;
+  float s = 0.f;
+  if (c < {cols}) for (int r = g; r < {rows}; r += 8) s += ld(x, (i64)r * {ld_}LL + c);
+  part[g][threadIdx.x] = s;
+  __syncthreads();
+  if (g == 0 && c < {cols}) {{
+    float t = part[0][threadIdx.x];
+    for (int k = 1; k < 8; ++k) t += part[k][threadIdx.x];
+    st(out, c, t);
+  }}
+}}
+"""
+    return src, "colsum_one"
 
 
 def gather_rows(n: int, C: int, table_dt, idx_dt, out_dt, rows: int):
@@ -592,6 +696,104 @@ extern "C" __global__ void ce_fused(const {ctype(z_dt)}* __restrict__ z, const {
 }}
 """
     return src, "ce_fused"
+
+
+VEC_IO = r"""
+struct alignas(16) V16 { unsigned w[4]; };
+__device__ __forceinline__ void ldv(const bf16* p, i64 i, float* f) {
+  V16 u = *reinterpret_cast<const V16*>(p + i);
+  #pragma unroll
+  for (int k = 0; k < 4; ++k) { f[2 * k] = __uint_as_float(u.w[k] << 16); f[2 * k + 1] = __uint_as_float(u.w[k] & 0xffff0000u); }
+}
+__device__ __forceinline__ void ldv(const float* p, i64 i, float* f) {
+  V16 u = *reinterpret_cast<const V16*>(p + i);
+  #pragma unroll
+  for (int k = 0; k < 4; ++k) f[k] = __uint_as_float(u.w[k]);
+}
+__device__ __forceinline__ void stv(bf16* p, i64 i, const float* f) {
+  V16 u;
+  #pragma unroll
+  for (int k = 0; k < 4; ++k) u.w[k] = (unsigned)f2bf(f[2 * k]) | ((unsigned)f2bf(f[2 * k + 1]) << 16);
+  *reinterpret_cast<V16*>(p + i) = u;
+}
+__device__ __forceinline__ void stv(float* p, i64 i, const float* f) {
+  V16 u;
+  #pragma unroll
+  for (int k = 0; k < 4; ++k) u.w[k] = __float_as_uint(f[k]);
+  *reinterpret_cast<V16*>(p + i) = u;
+}
+"""
+
+
+def cross_entropy_fused_vec(rows: int, V: int, z_dt, t_dt, z_ld: int, grad: bool, dz_cols: int = 0,
+                            grad_scale: float = 0.0):
+    """:func:`cross_entropy_fused` with 16-byte loads and stores (8 bf16 or 4 fp32 a thread):
+    the scalar kernel's 2-byte loads left the classifier far below the memory bandwidth.
+    Needs aligned rows whose storage extends a whole vector past ``V`` (the padded
+    vocabulary), dZ of the logits' dtype with ``dz_cols`` a multiple of the vector and row
+    stride ``dz_cols``. Each vector updates the running (max, sum) once: one rescale per
+    vector instead of a branch per element."""
+    vec = 16 // np.dtype(z_dt).itemsize
+    zt = ctype(z_dt)
+    grad_src = ""
+    if grad:
+        grad_src = f"""const float M = sm[0], inv = 1.f / ss[0];
+  const int t = (int)ld(tgt, row);
+  const i64 go = (i64)row * {dz_cols}LL;
+  for (int c0 = tid * {vec}; c0 < {dz_cols}; c0 += blockDim.x * {vec}) {{
+    float f[{vec}];
+    if (c0 < {V}) ldv(z, zo + c0, f);
+    #pragma unroll
+    for (int k = 0; k < {vec}; ++k) {{
+      const int c = c0 + k;
+      float g = 0.f;
+      if (c < {V}) {{ g = expf(f[k] - M) * inv; if (c == t) g -= 1.f; g *= {lit(grad_scale, np.float32)}; }}
+      f[k] = g;
+    }}
+    stv(dz, go + c0, f);
+  }}"""
+    src = PRELUDE + VEC_IO + f"""
+__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {{
+  float mm = fmaxf(m, m2);
+  s = s * expf(m - mm) + s2 * expf(m2 - mm);
+  m = mm;
+}}
+extern "C" __global__ void ce_fused_vec(const {zt}* __restrict__ z, const {ctype(t_dt)}* __restrict__ tgt,
+                                        float* __restrict__ losses{f", {zt}* __restrict__ dz" if grad else ""}) {{
+  __shared__ float sm[32], ss[32];
+  const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32, wid = tid / 32, nw = blockDim.x / 32;
+  const i64 zo = (i64)row * {z_ld}LL;
+  float m = -3.0e38f, s = 0.f;
+  for (int c0 = tid * {vec}; c0 < {V}; c0 += blockDim.x * {vec}) {{
+    float f[{vec}];
+    ldv(z, zo + c0, f);
+    float lm = -3.0e38f;
+    #pragma unroll
+    for (int k = 0; k < {vec}; ++k) if (c0 + k < {V}) lm = fmaxf(lm, f[k]);
+    const float nm = fmaxf(m, lm);
+    float add = 0.f;
+    #pragma unroll
+    for (int k = 0; k < {vec}; ++k) if (c0 + k < {V}) add += expf(f[k] - nm);
+    s = s * expf(m - nm) + add;
+    m = nm;
+  }}
+  for (int o = 16; o > 0; o >>= 1) {{
+    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    combine(m, s, m2, s2);
+  }}
+  if (lane == 0) {{ sm[wid] = m; ss[wid] = s; }}
+  __syncthreads();
+  if (tid == 0) {{
+    float M = sm[0], S = ss[0];
+    for (int w = 1; w < nw; ++w) combine(M, S, sm[w], ss[w]);
+    sm[0] = M; ss[0] = S;
+    losses[row] = logf(S) + M - ld(z, zo + ld(tgt, row));
+  }}
+  __syncthreads();
+  {grad_src}
+}}
+"""
+    return src, "ce_fused_vec"
 
 
 def attention_softmax(H: int, T: int, scale: float, causal: bool):

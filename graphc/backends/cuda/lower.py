@@ -425,7 +425,11 @@ def lower_concat(ctx, node):
     for name, v in zip(node.input, vals):
         part_shape = list(out.shape)
         part_shape[axis] = v.shape[axis]
-        ctx.copy(ctx.tensor(name), out.view(part_shape, out.strides, out.offset + start * out.strides[axis]))
+        part = out.view(part_shape, out.strides, out.offset + start * out.strides[axis])
+        src = ctx.tensor(name)
+        if not (src.storage is part.storage and src.offset == part.offset and src.shape == part.shape
+                and src.strides == part.strides and src.dtype == part.dtype):   # else written in place already
+            ctx.copy(src, part)
         start += v.shape[axis]
     ctx.define(node.output[0], out)
 
@@ -475,6 +479,9 @@ def column_sum(ctx, x: Tensor, out: Tensor) -> None:
     if x.row_stride() is None:
         x = ctx.contiguous(x)
     rows, cols = x.shape
+    if rows <= K.COLSUM_ONE_PASS_ROWS:
+        ctx.launch(K.colsum_one_pass(rows, cols, x.dtype, out.dtype, x.row_stride()), [-(-cols // 32)], [32, 8], [x, out])
+        return
     chunks = max(1, min(K.COLSUM_CHUNKS, rows))
     src, (k1, k2) = K.colsum(rows, cols, x.dtype, out.dtype, x.row_stride(), chunks)
     part = ctx.scratch((chunks, cols), np.float32, "colsum-partial")
@@ -498,6 +505,9 @@ def lower_layernorm(ctx, node):
     ctx.define(node.output[0], y)
 
 
+LN_CHUNKS = 512   # row chunks of the layer-norm backward's partial sums (enough blocks for 132 SMs)
+
+
 @lowering(("graphc", "LayerNormGrad"))
 def lower_layernorm_grad(ctx, node):
     dy, dy_ld = ctx.rows(ctx.tensor(node.input[0]))
@@ -505,6 +515,19 @@ def lower_layernorm_grad(ctx, node):
     w = ctx.contiguous(ctx.tensor(node.input[2]))
     rows, C = x.shape
     dx = ctx.out(node.output[0], ctx.shape(node.input[1]), x.dtype)
+    eps = attr(node, "epsilon", 1e-5)
+    if len(node.output) == 3 and node.output[1] and node.output[2] and C <= K.LN_PARTIAL_MAX_C:
+        dw, db = (ctx.out(name, (C,), w.dtype) for name in node.output[1:3])
+        if dw.dtype == db.dtype:
+            chunks = max(1, min(LN_CHUNKS, -(-rows // 8)))
+            src, (k1, k2) = K.layernorm_bwd_partials(rows, C, chunks, dy.dtype, x.dtype, w.dtype, dx.dtype, dw.dtype,
+                                                     eps, dy_ld, x_ld)
+            part = ctx.scratch((chunks, 2 * C), np.float32, "ln-partials")
+            ctx.launch((src, k1), [chunks], [256], [dy, x, w, dx, part])
+            ctx.launch((src, k2), [-(-2 * C // 256)], [256], [part, dw, db])
+            for name, t in zip(node.output, (dx, dw, db)):
+                ctx.define(name, t)
+            return
     dyxhat = ctx.scratch((rows, C), np.float32, "ln-dyxhat")
     src = K.layernorm_bwd(rows, C, dy.dtype, x.dtype, w.dtype, dx.dtype, attr(node, "epsilon", 1e-5), dy_ld, x_ld)
     ctx.launch(src, [-(-rows // 8)], [256], [dy, x, w, dx, dyxhat])
@@ -562,18 +585,34 @@ def lower_cross_entropy(ctx, node):
     loss = ctx.out(node.output[0], (), np.float32)
     grad = _fusable_ce_grad(ctx, node)
     if grad is None:
-        src = K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld)
+        src = (K.cross_entropy_fused_vec(rows, V, z.dtype, t.dtype, z_ld, False) if _vec_rows_ok(z, z_ld, V)
+               else K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld))
         ctx.launch(src, [rows], [1024], [z, t, losses])
     else:
         g, dloss = grad
         dz, cols, pad = _ce_grad_destination(ctx, g, rows, V, z.dtype)
-        src = K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld, dz.dtype, cols, cols, dloss / rows)
+        if _vec_rows_ok(z, z_ld, V) and _vec_rows_ok(dz, cols, cols) and dz.dtype == z.dtype and dz.is_contiguous():
+            src = K.cross_entropy_fused_vec(rows, V, z.dtype, t.dtype, z_ld, True, cols, dloss / rows)
+        else:
+            src = K.cross_entropy_fused(rows, V, z.dtype, t.dtype, z_ld, dz.dtype, cols, cols, dloss / rows)
         ctx.launch(src, [rows], [1024], [z, t, losses, dz])
         _define_ce_grad(ctx, g, dz, pad, rows, V, cols)
         ctx.skip.add(id(g))
     src, (_, k2) = K.cross_entropy(rows, V, z.dtype, t.dtype, z_ld)
     ctx.launch((src, k2), [1], [1024], [losses, loss])
     ctx.define(node.output[0], loss)
+
+
+def _vec_rows_ok(t: Tensor, ld: int, cols: int) -> bool:
+    """Rows of ``t`` (row stride ``ld``) can be read in 16-byte vectors up to ``cols``
+    rounded up to a whole vector: aligned rows, and the last row's vector tail inside the
+    storage (the padded vocabulary columns)."""
+    if t.dtype.name not in ("float32", "bfloat16"):
+        return False
+    vec = 16 // t.dtype.itemsize
+    tail = -(-cols // vec) * vec
+    end = t.offset + (t.shape[0] - 1) * ld + tail
+    return ld % vec == 0 and _aligned16(t) and tail <= ld and end * t.dtype.itemsize <= t.storage.nbytes
 
 
 def _fusable_ce_grad(ctx, node):
@@ -654,6 +693,30 @@ def _bthd(ctx, name, B, H, T, D, dtype) -> Tensor:
     """A [B, H, T, D] view of fresh [B, T, H, D] memory (what the projections read as [BT, C])."""
     phys = ctx.out(name, (B, T, H, D), dtype)
     return phys.transpose((0, 2, 1, 3))
+
+
+def _packed_grads(ctx, node, B, H, T, D, dtype):
+    """dQ, dK, dV as [B, H, T, D] views of the packed [B*T, 3C] gradient when each goes
+    Transpose(0, 2, 1, 3) -> Reshape -> one Concat along the last axis (the qkv split's
+    backward): the attention backward writes straight into it and the Concat copies nothing
+    (:func:`lower_concat` skips parts already in place). None when the graph differs."""
+    concat = None
+    for k, name in enumerate(node.output[:3]):
+        tr = _sole_consumer(ctx, name, "Transpose")
+        if tr is None or list(attr(tr, "perm", [])) != [0, 2, 1, 3]:
+            return None
+        rs = _sole_consumer(ctx, tr.output[0], "Reshape")
+        cat = _sole_consumer(ctx, rs.output[0], "Concat") if rs is not None else None
+        if cat is None or (concat is not None and cat is not concat) or list(cat.input).index(rs.output[0]) != k:
+            return None
+        concat = cat
+    if len(concat.input) != 3 or attr(concat, "axis", 0) not in (1, -1):
+        return None
+    C = H * D
+    packed = ctx.out(concat.output[0], (B * T, 3 * C), dtype)
+    if packed.dtype != np.dtype(dtype) or not packed.is_contiguous():
+        return None
+    return [packed.view((B, H, T, D), (T * 3 * C, D, 3 * C, 1), packed.offset + k * C) for k in range(3)]
 
 
 def _cudnn_ok(dtype) -> bool:
@@ -770,7 +833,8 @@ def lower_attention_grad(ctx, node):
         raise GraphcError("model", f"node {node_label(node)}: AttentionGrad needs its forward Attention in the "
                           "same graph", "--backend")
     kind, stats = saved
-    dq, dk, dv = (_bthd(ctx, o, B, H, T, D, dy.dtype) for o in node.output[:3])
+    dq, dk, dv = _packed_grads(ctx, node, B, H, T, D, dy.dtype) or \
+        (_bthd(ctx, o, B, H, T, D, dy.dtype) for o in node.output[:3])
     if kind == "cudnn" and dy.strides == y.strides:
         from graphc.backends.cuda import attention
 
@@ -979,6 +1043,77 @@ def blas_for(rt, ws: Tensor):
     return _BLAS[key]
 
 
+# ============================================================================ flat casts
+def _flat_groups(tensors: list[Tensor]):
+    """The storage that ``tensors`` (contiguous, one dtype, disjoint) tile exactly, or None."""
+    if not tensors or any(not t.is_contiguous() for t in tensors):
+        return None
+    s, dt = tensors[0].storage, tensors[0].dtype
+    if any(t.storage is not s or t.dtype != dt for t in tensors):
+        return None
+    spans = sorted((t.offset, t.offset + t.size) for t in tensors)
+    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or spans[-1][1] * dt.itemsize != s.nbytes:
+        return None
+    return s, dt, spans[-1][1]
+
+
+def _flat_casts(ctx, where) -> list:
+    """Mixed precision's per-parameter casts as two kernels over flat buffers.
+
+    The bf16 training graph casts every fp32 master to bf16 on entry and every bf16 gradient
+    to fp32 on exit: ~300 small kernels, which dominate a launch-bound step (B4 T64). When
+    the casts' fp32 sides tile one flat buffer exactly (the parameters; the gradient
+    targets), one kernel converts the whole buffer into a flat low-precision twin at the start
+    (entry) and one at the end (exit); each Cast is then a view (entry) or writes its input
+    straight into the twin (exit). Returns the exit groups for :func:`lower` to finish."""
+    inputs = {vi.name for vi in ctx.model.graph.input}
+    entry: dict[int, list] = {}
+    exit_: dict[int, list] = {}
+    for node in ctx.model.graph.node:
+        if node.op_type != "Cast" or node.domain:
+            continue
+        to = NP_OF_ONNX.get(attr(node, "to"))
+        x = ctx.values.get(node.input[0])
+        if node.input[0] in inputs and isinstance(x, Tensor) and to is not None and to != x.dtype:
+            entry.setdefault(id(x.storage), []).append((node, x, to))
+        target = ctx.targets.get(node.output[0])
+        if target is not None and len(ctx.consumers.get(node.input[0], [])) == 1 \
+                and node.input[0] not in ctx.graph_outputs and node.input[0] not in inputs:
+            exit_.setdefault(id(target.storage), []).append((node, target))
+    for group in entry.values():
+        found = _flat_groups([x for _, x, _ in group])
+        tos = {to for _, _, to in group}
+        if found is None or len(tos) != 1:
+            continue
+        storage, dt, n = found
+        to = tos.pop()
+        src = Tensor(storage, (n,), (1,), dt)
+        low = ctx.fresh((n,), to, "low-precision", f"{storage.name}:{to.name}")
+        ctx.copy(src, low)
+        ctx.program.steps[-1].node = f"flat-cast:{storage.name}"
+        for node, x, _ in group:
+            ctx.define(node.output[0], low.view(x.shape, x.strides, x.offset))
+            ctx.skip.add(id(node))
+    done = []
+    for group in exit_.values():
+        found = _flat_groups([t for _, t in group])
+        lows = {ctx.declared.get(node.input[0]) for node, _ in group}
+        if found is None or len(lows) != 1 or None in lows:
+            continue
+        storage, dt, n = found
+        low_dt = lows.pop()
+        flat = ctx.fresh((n,), low_dt, "low-precision", f"{storage.name}:{low_dt.name}")
+        pairs = []
+        for node, t in group:
+            low = flat.view(t.shape, t.strides, t.offset)
+            ctx.targets[node.input[0]] = low
+            ctx.skip.add(id(node))
+            ctx.define(node.output[0], t)
+            pairs.append((node.input[0], low))
+        done.append((flat, Tensor(storage, (n,), (1,), dt), pairs))
+    return done
+
+
 # ============================================================================ driver
 def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
           targets: dict[str, Tensor] | None = None, program: Program | None = None,
@@ -1015,6 +1150,7 @@ def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
             t = ctx.fresh(shape, NP_OF_ONNX[tt.elem_type], "input", vi.name)
         ctx.define(vi.name, t)
         program.inputs[vi.name] = t
+    flat_out = _flat_casts(ctx, where)
     # in-place: ScatterND(add) writes into its data input when nothing else reads it
     for node in model.graph.node:
         if node.op_type == "ScatterND" and len(ctx.consumers.get(node.input[0], [])) == 1 \
@@ -1035,6 +1171,14 @@ def lower(model: onnx.ModelProto, *, inputs: dict[str, Tensor] | None = None,
             continue
         LOWER[key](ctx, node)
     ctx.node = None
+    for src_flat, dst_flat, pairs in flat_out:
+        for low_name, low in pairs:   # a low-precision value not written in place: copy it there
+            v = ctx.values[low_name]
+            if not (isinstance(v, Tensor) and v.storage is low.storage and v.offset == low.offset
+                    and v.strides == low.strides):
+                ctx.copy(ctx.tensor(low_name), low)
+        ctx.copy(src_flat, dst_flat)
+        ctx.program.steps[-1].node = f"flat-cast:{dst_flat.storage.name}"
     for out in model.graph.output:
         v = ctx.values[out.name]
         if isinstance(v, np.ndarray):
