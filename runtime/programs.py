@@ -127,6 +127,7 @@ class TrainSpec:
     adamw: AdamWConfig = dataclasses.field(default_factory=AdamWConfig)
     decay_matrices_only: bool = False
     opt: bool = True                   # run the optimisation pipeline (False: the plain autodiff graph)
+    parallel: object = None            # graphc.runtime.distributed.DataParallel (connected), or None
     grad_accum: int = 1                # micro-batches of [B, T] per optimizer step (llm.c's grad_accum_steps)
     recompute: bool = False            # recompute GELU / layer-norm outputs in backward (passes/recompute.py)
 

@@ -58,6 +58,7 @@ class TrainConfig:
     backend: str = "onnxruntime"
     precision: str = "fp32"
     opt: bool = True
+    zero: int = 0                      # ZeRO stage for data-parallel runs (0 or 1)
     grad_accum: int = 1                # micro-batches per step (--total-batch-size / (B*T))
     recompute: bool = False            # recompute GELU / layer-norm outputs in backward
 
@@ -68,36 +69,49 @@ class TrainConfig:
     def resumable(self) -> dict:
         """The settings a resumed run must share with the original for bit-for-bit results."""
         keep = ("B", "T", "steps", "schedule", "warmup", "lr_final_frac", "decay_matrices_only", "shuffle", "seed",
-                "precision", "grad_accum")
+                "precision", "grad_accum", "zero")
         return {k: getattr(self, k) for k in keep} | {"adamw": dataclasses.asdict(self.adamw)}
 
 
 class Trainer:
     def __init__(self, params: Params, train_data: str, val_data: str | None, config: TrainConfig,
                  out: Path | None = None, emit: Callable[[str], None] | None = None,
-                 sampler: Callable[[Params, int], str] | None = None):
+                 sampler: Callable[[Params, int], str] | None = None, parallel=None):
         self.params, self.config, self.out = params, config, out
+        # data parallel (graphc.runtime.distributed.DataParallel): rank 0 alone prints and writes
+        self.parallel = parallel
+        self.rank, self.world = (parallel.rank, parallel.world) if parallel is not None else (0, 1)
         self.emit = emit or (lambda line: print(line, flush=True))
+        if self.rank != 0:
+            self.emit = lambda line: None
         self.sampler = sampler
         cfg = params.cfg
         if config.T > cfg.max_seq_len:
             raise GraphcError("-t", f"sequence length {config.T} exceeds the model's maximum {cfg.max_seq_len}", "T")
+        # llm.c's sharded loader: each rank reads its B rows of every global batch of world * B
         self.train_loader = TokenLoader(train_data, config.B, config.T, shuffle=config.shuffle, seed=config.seed,
-                                        vocab_size=cfg.vocab_size)
-        self.val_loader = (TokenLoader(val_data, config.B, config.T, vocab_size=cfg.vocab_size)
-                           if val_data else None)
+                                        vocab_size=cfg.vocab_size, process_rank=self.rank,
+                                        num_processes=self.world)
+        # validation runs on rank 0 over every rank's rows (the one-GPU val loss at world * B)
+        self.val_loaders = ([TokenLoader(val_data, config.B, config.T, vocab_size=cfg.vocab_size, process_rank=r,
+                                         num_processes=self.world) for r in range(self.world)]
+                            if val_data and self.rank == 0 else [])
+        self.val_loader = self.val_loaders[0] if self.val_loaders else None
         if self.val_loader is not None and config.val_batches > self.val_loader.batches_per_epoch():
             raise GraphcError(val_data, f"--val-batches {config.val_batches} exceeds the "
                               f"{self.val_loader.batches_per_epoch()} batches in the val data", "--val-batches")
 
         backend = get_backend(config.backend)()
         t_setup = time.perf_counter()
+        if parallel is not None:
+            parallel.connect(backend)
         device_params = backend.upload_params(params)
         self.program = backend.train_step(device_params, TrainSpec(
             B=config.B, T=config.T, precision=config.precision, adamw=config.adamw,
             decay_matrices_only=config.decay_matrices_only, opt=config.opt, grad_accum=config.grad_accum,
-            recompute=config.recompute))
-        report_setup(self.program, time.perf_counter() - t_setup)
+            recompute=config.recompute, parallel=parallel))
+        if self.rank == 0:
+            report_setup(self.program, time.perf_counter() - t_setup)
         self.evaluator = (backend.evaluator(device_params, config.B, config.T, precision=config.precision,
                                             opt=config.opt) if self.val_loader else None)
         self.schedule = SCHEDULES[config.schedule](config.adamw.lr, config.steps, config.warmup,
@@ -116,13 +130,19 @@ class Trainer:
         if params.cfg != self.params.cfg:
             raise GraphcError(self.out, f"checkpoint model ({params.cfg.describe()}) differs from --model "
                               f"({self.params.cfg.describe()})", "--resume")
+        if state.get("gpus", 1) != self.world:
+            raise GraphcError(self.out, f"the checkpoint was written by a run on {state.get('gpus', 1)} GPU(s); "
+                              f"resume it on as many (--gpus {state.get('gpus', 1)}): the data order and the "
+                              "optimizer shards depend on the count", "--resume")
         diffs = checkpoint.settings_differ(state.get("config", {}), self.config.resumable())
         if diffs:
             raise GraphcError(self.out, f"settings differ from the interrupted run: {', '.join(diffs)} "
                               "(resume needs the same ones to continue bit for bit)", "--resume")
         self.program.write_params(params.flat)
         self.program.load_optimizer_state({"m": m, "v": v})
-        self.train_loader.restore(state["loader"])
+        # every rank's loader is at rank 0's position (they advance together); only the rank differs
+        loader = state["loader"]
+        self.train_loader.restore({**loader, "config": {**loader["config"], "process_rank": self.rank}})
         self.prefetched = None
         self.step = int(state["step"])
         self.log = TrainLog(state.get("log", []))
@@ -130,11 +150,17 @@ class Trainer:
     def save(self) -> None:
         if self.out is None:
             return
+        sharded = self.parallel is not None and self.parallel.zero > 0
+        if self.rank != 0 and not sharded:
+            return
+        opt_state = self.program.optimizer_state()  # with ZeRO-1 a collective: every rank takes part
+        params = self.program.read_params()
+        if self.rank != 0:
+            return
         # the loader's position after the last step taken (not after the prefetched batch)
         loader = self.loader_state if self.prefetched is not None else self.train_loader.state()
-        state = {"loader": loader, "config": self.config.resumable(), "log": self.log.rows}
-        opt_state = self.program.optimizer_state()
-        checkpoint.save(self.out, self.step, Params(self.params.cfg, self.program.read_params()),
+        state = {"loader": loader, "config": self.config.resumable(), "log": self.log.rows, "gpus": self.world}
+        checkpoint.save(self.out, self.step, Params(self.params.cfg, params),
                         opt_state["m"], opt_state["v"], state)
         self.log.write(self.out)
 
@@ -142,13 +168,14 @@ class Trainer:
     def validate(self, step: int) -> float | None:
         if self.val_loader is None:
             return None
-        loss = mean_loss(self.evaluator, self.val_loader, self.config.val_batches)
+        losses = [mean_loss(self.evaluator, loader, self.config.val_batches) for loader in self.val_loaders]
+        loss = sum(losses) / len(losses)
         self.emit(f"val loss {loss:.6f}")
         self.log.add("val", step, loss)
         return loss
 
     def sample(self, step: int) -> None:
-        if self.sampler is not None:
+        if self.sampler is not None and self.rank == 0:
             weights = self.program.params.to_host()
             self.emit(f"generating:\n---\n{self.sampler(weights, self.config.seed + step)}\n---")
 
@@ -177,7 +204,7 @@ class Trainer:
     def run(self, stop_after: int | None = None) -> TrainLog:
         """Train until ``config.steps`` (or after step ``stop_after``, as if interrupted)."""
         c = self.config
-        progress = Progress(c.steps, c.tokens_per_step, self.step)
+        progress = Progress(c.steps, c.tokens_per_step * self.world, self.step, quiet=self.rank != 0)
         emit, self.emit = self.emit, progress.clearing(self.emit)
         try:
             return self._run(progress, stop_after)
@@ -205,7 +232,7 @@ class Trainer:
         self.validate(self.step)
         if c.sample_every > 0:
             self.sample(self.step)
-        if self.out is not None:
+        if self.out is not None and self.rank == 0:
             self.log.write(self.out)
         return self.log
 
@@ -239,14 +266,16 @@ class Progress:
     written about every tenth of the run, so logs show the rate without a line per step.
     """
 
-    def __init__(self, total: int, tokens_per_step: int, start: int):
-        self.total, self.tokens, self.start = total, tokens_per_step, start
+    def __init__(self, total: int, tokens_per_step: int, start: int, quiet: bool = False):
+        self.total, self.tokens, self.start, self.quiet = total, tokens_per_step, start, quiet
         self.tty = sys.stderr.isatty()
         self.every = max(1, (total - start) // 10)
         self.ms: list[float] = []
 
     def update(self, step: int, ms: float) -> None:
         self.ms.append(ms)
+        if self.quiet:
+            return
         if not self.tty and (step - self.start) % self.every and step != self.total:
             return
         recent = self.ms[-20:]
@@ -270,6 +299,6 @@ class Progress:
         return emit_clear
 
     def close(self) -> None:
-        if self.tty and self.ms:
+        if self.tty and self.ms and not self.quiet:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher re-runs per worker
         check_environment()
         check_versions()
         return int(args._module.run(args) or 0)

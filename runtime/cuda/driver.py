@@ -39,6 +39,7 @@ class Runtime:
     def __init__(self, device_id: int = 0):
         from cuda.core import Device
 
+        self.device_id = int(device_id)
         self.device = Device(device_id)
         self.device.set_current()
         self.stream_obj = self.device.create_stream()
@@ -60,12 +61,22 @@ class Runtime:
 
 
 _RUNTIME: Runtime | None = None
+_DEVICE_ID = 0
+
+
+def select_device(index: int) -> None:
+    """The GPU this process's runtime uses (a data-parallel worker's local rank); call it
+    before anything creates the runtime."""
+    global _DEVICE_ID
+    if _RUNTIME is not None and _RUNTIME.device_id != index:
+        raise RuntimeError(f"the CUDA runtime already runs on device {_RUNTIME.device_id}")
+    _DEVICE_ID = int(index)
 
 
 def get_runtime() -> Runtime:
     global _RUNTIME
     if _RUNTIME is None:
-        _RUNTIME = Runtime()
+        _RUNTIME = Runtime(_DEVICE_ID)
     return _RUNTIME
 
 

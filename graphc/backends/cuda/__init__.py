@@ -112,6 +112,24 @@ class CudaBackend(Backend):
 
         return CudaEvaluator(self, params, B, T, precision=precision, opt=opt)
 
+    # ------------------------------------------------------------------ data parallel
+    def communicator_id(self) -> bytes:
+        """Rank 0's NCCL unique id, for the rendezvous to share."""
+        from graphc.backends.cuda.nccl import new_unique_id
+
+        return new_unique_id()
+
+    def communicator(self, rank: int, world: int, unique_id: bytes):
+        """This rank's NCCL communicator on the runtime's device (``graphc.backends.cuda.nccl``)."""
+        from graphc.backends.cuda.nccl import Nccl
+
+        try:
+            import nccl.core  # noqa: F401
+        except ImportError:
+            raise GraphcError("--gpus", "nccl4py is not installed (pip install .[gpu])", "--backend") from None
+        self.rt  # the device is current before NCCL picks it up
+        return Nccl(rank, world, unique_id)
+
     def decoder(self, params, spec):
         from graphc.backends.cuda.decode import CudaDecoder
 

@@ -57,6 +57,7 @@ class TrainLayout:
     n_micro_steps: int       # steps[:n_micro_steps]: the lowered forward + backward
     n_accumulate_steps: int  # steps[n_micro_steps:n_accumulate_steps]: the first accumulation
     accumulate_add: object   # the accumulation of micro-batches 1..k-1 (None when k == 1)
+    shard: tuple = (0, 0)    # [start, stop) of the flat buffers this rank's AdamW updates (m, v: that size)
 
 
 def build_train_program(cfg, spec, flat) -> TrainLayout:
@@ -71,6 +72,9 @@ def build_train_program(cfg, spec, flat) -> TrainLayout:
     n = int(np.prod(flat.shape))
     model = training_graph(cfg, opt=spec.opt, backend="cuda", precision=spec.precision, recompute=spec.recompute)
     model = bind_dims(model, {"B": spec.B, "T": spec.T})
+    dp = spec.parallel
+    if dp is not None and spec.grad_accum == 1 and dp.zero == 0:
+        model = casts_early(model)  # so that buckets finish layer by layer (overlap)
     program = Program()
     flat_t = program.external(flat, "params")
     inputs = {s.name: flat_t.view(s.shape, _strides(s.shape), s.offset) for s in specs}
@@ -90,10 +94,26 @@ def build_train_program(cfg, spec, flat) -> TrainLayout:
         program.steps.append(KernelStep(src, name, grid, (256,), [g, micro], "grad-accumulate"))
         src, name = K.accumulate(n, 1.0 / k, first=False)
         accumulate_add = KernelStep(src, name, grid, (256,), [g, micro], "grad-accumulate")
+    lo, size = 0, n
+    if dp is not None:
+        lo, size = data_parallel_gradients(dp, program, g, n, cfg, overlap_steps=n_micro if k == 1 else None)
+        if k == 1:
+            n_micro = len(program.steps)
     n_acc = len(program.steps)
-    # optimizer state and step constants
-    m = Tensor(program.storage(n * 4, "state", "adam.m"), (n,), (1,), f32)
-    v = Tensor(program.storage(n * 4, "state", "adam.v"), (n,), (1,), f32)
+    if dp is not None and dp.zero == 0 and k > 1:  # one all-reduce of the accumulated gradients
+        from graphc.backends.cuda.nccl import AVG, Collective
+
+        program.steps.append(Collective(
+            lambda stream: dp.comm.all_reduce(g.ptr, g.ptr, n, np.float32, AVG, stream), "nccl-allreduce", [g]))
+    elif dp is not None and dp.zero == 1:  # llm.c's ZeRO-1: each rank gets the average of its shard
+        from graphc.backends.cuda.nccl import AVG, Collective
+
+        program.steps.append(Collective(
+            lambda stream: dp.comm.reduce_scatter(g.ptr, g.ptr + lo * 4, size, np.float32, AVG, stream),
+            "nccl-reducescatter", [g]))
+    # optimizer state (of this rank's shard) and step constants
+    m = Tensor(program.storage(size * 4, "state", "adam.m"), (size,), (1,), f32)
+    v = Tensor(program.storage(size * 4, "state", "adam.v"), (size,), (1,), f32)
     hyper = Tensor(program.storage(16, "state", "hyper"), (4,), (1,), f32)
     part = Tensor(program.storage(SUMSQ_BLOCKS * 8, "scratch", "sumsq"), (SUMSQ_BLOCKS,), (1,), np.dtype(np.float64))
     mask_np = decay_mask(cfg, spec.decay_matrices_only)
@@ -101,16 +121,31 @@ def build_train_program(cfg, spec, flat) -> TrainLayout:
     if mask_np is not None and spec.adamw.weight_decay != 0:
         mask = Tensor(program.storage(n * 4, "const", "decay-mask"), (n,), (1,), f32)
         program.consts.append((mask, mask_np))
-    src, (k1, k2) = K.sumsq(n, SUMSQ_BLOCKS)
+    g_shard = g.view((size,), (1,), lo)
+    src, (k1, k2) = K.sumsq(size, SUMSQ_BLOCKS)
     norm_view = hyper.view((1,), (1,), 2)
-    program.steps.append(KernelStep(src, k1, (SUMSQ_BLOCKS,), (256,), [g, part], "grad-norm"))
+    program.steps.append(KernelStep(src, k1, (SUMSQ_BLOCKS,), (256,), [g_shard, part], "grad-norm"))
+    if size < n:  # ZeRO-1: each rank summed its shard; add the partials of all (deterministic)
+        from graphc.backends.cuda.nccl import SUM, Collective
+
+        program.steps.append(Collective(
+            lambda stream: dp.comm.all_reduce(part.ptr, part.ptr, SUMSQ_BLOCKS, np.float64, SUM, stream),
+            "nccl-allreduce-norm", [part]))
     program.steps.append(KernelStep(src, k2, (1,), (256,), [part, norm_view], "grad-norm"))
     a = spec.adamw
-    src = K.adamw(n, a.beta1, a.beta2, a.eps, a.weight_decay, a.grad_clip, mask is not None)
-    program.steps.append(KernelStep(src[0], src[1], (-(-n // 256),), (256,),
-                                    [flat_t.view((n,), (1,), 0), g, m, v, hyper, mask if mask is not None else hyper],
-                                    "adamw"))
-    return TrainLayout(program, g, m, v, hyper, n_micro, n_acc, accumulate_add)
+    src = K.adamw(size, a.beta1, a.beta2, a.eps, a.weight_decay, a.grad_clip, mask is not None)
+    flat_all = flat_t.view((n,), (1,), 0)
+    p_shard = flat_t.view((size,), (1,), lo)
+    program.steps.append(KernelStep(src[0], src[1], (-(-size // 256),), (256,),
+                                    [p_shard, g_shard, m, v, hyper,
+                                     mask.view((size,), (1,), lo) if mask is not None else hyper], "adamw"))
+    if size < n:  # ZeRO-1: every rank gets the others' updated shards
+        from graphc.backends.cuda.nccl import Collective
+
+        program.steps.append(Collective(
+            lambda stream: dp.comm.all_gather(p_shard.ptr, flat_all.ptr, size, np.float32, stream),
+            "nccl-allgather-params", []))
+    return TrainLayout(program, g, m, v, hyper, n_micro, n_acc, accumulate_add, (lo, lo + size))
 
 
 def memory_estimate(cfg, spec) -> dict[str, int]:
@@ -155,6 +190,7 @@ class CudaTrainStep(TrainStep):
         self.grads, self.m, self.v, self.hyper = layout.grads, layout.m, layout.v, layout.hyper
         self.n_micro_steps, self.n_accumulate_steps = layout.n_micro_steps, layout.n_accumulate_steps
         self.accumulate_add = layout.accumulate_add
+        self.parallel, self.shard = spec.parallel, layout.shard
         m, v, k = self.m, self.v, spec.grad_accum
         # pinned staging: k micro-batches of tokens and targets (int64), hyper in; norm and k losses out
         B, T = spec.B, spec.T
@@ -206,6 +242,10 @@ class CudaTrainStep(TrainStep):
                     step.record(stream)
             else:
                 self.accumulate_add.record(stream)
+            if self.parallel is not None:  # the printed loss is the mean over ranks
+                from graphc.backends.cuda.nccl import AVG
+
+                self.parallel.comm.all_reduce(self.loss_t.ptr, self.loss_t.ptr, 1, np.float32, AVG, stream)
             memcpy_dtoh_async(self.h_out.ctypes.data + 4 * (i + 1), self.loss_t.ptr, 4, stream)
         for step in steps[self.n_accumulate_steps:]:
             step.record(stream)
@@ -233,20 +273,30 @@ class CudaTrainStep(TrainStep):
         return StepResult(loss, norm if self.spec.adamw.grad_clip > 0 else None)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW's m and v of the whole model (ZeRO-1: gathered from every rank; collective)."""
         from graphc.backends.cuda import _dtoh
 
         self.backend.rt.synchronize()
-        return {"m": _dtoh(self.m), "v": _dtoh(self.v)}
+        lo, hi = self.shard
+        if hi - lo == self.params.flat.size:
+            return {"m": _dtoh(self.m), "v": _dtoh(self.v)}
+        full = self.backend.alloc((self.parallel.world * (hi - lo),), np.float32)
+        out = {}
+        for key, t in (("m", self.m), ("v", self.v)):
+            self.parallel.comm.all_gather(t.ptr, full.ptr, hi - lo, np.float32, self.backend.rt.stream)
+            out[key] = full.to_numpy()
+        return out
 
     def load_optimizer_state(self, state) -> None:
         from graphc.backends.cuda import _htod
 
         self.backend.rt.synchronize()
+        lo, hi = self.shard
         for key, t in (("m", self.m), ("v", self.v)):
             a = np.ascontiguousarray(state[key], dtype=np.float32)
-            if a.shape != t.shape:
+            if a.shape != (self.params.flat.size,):
                 raise ValueError("optimizer state does not match the model's parameter count")
-            _htod(t.ptr, a)
+            _htod(t.ptr, np.ascontiguousarray(a[lo:hi]))
 
     def read_grads(self) -> np.ndarray:
         from graphc.backends.cuda import _dtoh
@@ -267,6 +317,65 @@ class CudaTrainStep(TrainStep):
                 step.record(rt.stream)
                 totals[step.node] = totals.get(step.node, 0.0) + timer.end_ms() / repeat
         return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+def casts_early(model):
+    """A copy of ``model`` whose output Casts (the BF16 graph's fp32 ``grad.*``) run right
+    after the node that makes their input, instead of together at the end of backward: then
+    a layer's gradients are final (and all-reduced) while earlier layers are in backward."""
+    import onnx
+
+    outputs = {o.name for o in model.graph.output}
+    nodes = list(model.graph.node)
+    early = [n for n in nodes if n.op_type == "Cast" and len(n.input) == 1 and n.output[0] in outputs]
+    early_ids = {id(n) for n in early}
+    by_input: dict[str, list] = {}
+    for n in early:
+        by_input.setdefault(n.input[0], []).append(n)
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    order = []
+    for n in early:
+        if n.input[0] in available:
+            order.append(n)
+    for n in nodes:
+        if id(n) in early_ids:
+            continue
+        order.append(n)
+        for out in n.output:
+            order.extend(by_input.get(out, []))
+    if len(order) != len(nodes):  # an input made by an early cast itself: keep the given order
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.node[:]
+    m.graph.node.extend(order)
+    return m
+
+
+def data_parallel_gradients(dp, program: Program, grads, n: int, cfg, overlap_steps: int | None) -> tuple[int, int]:
+    """Where this rank's gradients get averaged across ranks; returns the (start, size) of the
+    flat buffers its AdamW updates.
+
+    Without ZeRO and without accumulation (``overlap_steps``: the lowered forward + backward
+    are ``program.steps[:overlap_steps]``): each bucket is all-reduced on a second stream as
+    soon as backward has written it, overlapping the rest of backward; a join follows. (With
+    accumulation the caller all-reduces the accumulated buffer once.) ZeRO-1: the caller
+    reduce-scatters after backward; this rank alone updates [rank * n/world, +n/world)."""
+    from graphc.backends.cuda.nccl import CommStream, insert_bucket_reduces
+    from graphc.errors import GraphcError
+
+    if dp.zero == 0:
+        if overlap_steps is not None:
+            dp.comm_stream = dp.comm_stream or CommStream()
+            steps = insert_bucket_reduces(program.steps[:overlap_steps], grads, grad_buckets(cfg), dp.comm,
+                                          dp.comm_stream, overlap=dp.overlap)
+            program.steps[:overlap_steps] = steps
+        return 0, n
+    if n % dp.world:
+        raise GraphcError("--zero", f"ZeRO-1 shards the {n} parameters evenly; {n} is not divisible by "
+                          f"{dp.world} GPUs", "--gpus")
+    size = n // dp.world
+    return dp.rank * size, size
 
 
 class CudaEvaluator(Evaluator):
