@@ -13,9 +13,8 @@ grads float32[num_params]    every parameter gradient in llm.c's 16-tensor order
                              padded to Vp rows (the model ``.bin``'s parameter layout)
 ===========================  ==================================================
 
-:func:`validate` recomputes logits, loss and (when ``graphc.passes.autodiff`` is
-available) the gradients with graphc and compares them with llm.c's tolerances
-(:data:`TOLERANCES`).
+This module is the file format only; :mod:`graphc.runtime.validate` recomputes the step
+with graphc and compares (the compute belongs to the runtime, not to the models).
 """
 
 from __future__ import annotations
@@ -33,8 +32,6 @@ from graphc.models.params import LLMC_ORDER, Params, num_parameters
 MAGIC = 20240327
 VERSION = 2
 HEADER_INTS = 256
-TOLERANCES = {"logits": 1e-2, "loss": 1e-2, "grads": 2e-2}
-"""llm.c test_gpt2's tolerances (max abs difference)."""
 
 
 @dataclasses.dataclass
@@ -138,93 +135,4 @@ def _flat_from_tensors(tensors: dict[str, np.ndarray], vocab_size: int) -> np.nd
         wte = np.concatenate([wte, np.zeros((pad_to - wte.shape[0], C), np.float32)])
     parts[0] = wte.reshape(-1)
     return np.concatenate(parts)
-
-
-# ----------------------------------------------------------------------------- validation
-@dataclasses.dataclass
-class Check:
-    name: str
-    max_abs_diff: float
-    tolerance: float
-
-    @property
-    def ok(self) -> bool:
-        return bool(np.isfinite(self.max_abs_diff)) and self.max_abs_diff <= self.tolerance
-
-    def line(self) -> str:
-        return f"{self.name} max abs diff {self.max_abs_diff:.3e} (tolerance {self.tolerance:.0e})"
-
-
-@dataclasses.dataclass
-class Report:
-    checks: list[Check]
-    notes: list[str]
-    loss: float
-    reference_loss: float
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    @property
-    def failed(self) -> list[str]:
-        return [c.name for c in self.checks if not c.ok]
-
-
-def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-    return float(d.max()) if d.size else 0.0  # NaN propagates and fails the check
-
-
-def autodiff_available() -> bool:
-    try:
-        from graphc.passes.autodiff import differentiate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def compute(params: Params, inputs: np.ndarray, targets: np.ndarray, *, grads: bool = True,
-            backend: str = "onnxruntime") -> tuple[np.ndarray, float, Params | None]:
-    """graphc's logits [B, T, V], loss and (with ``grads`` and autodiff present) gradients."""
-    from graphc.models.gpt2 import build_forward
-
-    cfg = params.cfg
-    model = build_forward(cfg, loss=True, logits=True)
-    feeds = {"tokens": np.ascontiguousarray(inputs, dtype=np.int64),
-             "targets": np.ascontiguousarray(targets, dtype=np.int64)}
-    g = None
-    outputs = {}
-    if grads and autodiff_available():
-        from graphc.passes.autodiff import differentiate, grad_name
-
-        if backend == "onnxruntime":   # the plain autodiff graph: checks autodiff itself
-            model = differentiate(model, loss="loss", wrt=params.names())  # keeps logits and loss
-        else:                          # a compiled backend runs the optimised, legalised graph
-            from graphc.passes.pipelines import optimize
-
-            model, _ = optimize(model, "train", backend=backend, wrt=params.names())  # keeps logits and loss
-        g = params.like()
-        outputs = {grad_name(name): g[name] for name in params.names()}
-    from graphc.backends import get_backend
-
-    program = get_backend(backend)().prepare(model)
-    program.bind(params.feeds())
-    out = program.run(feeds, outputs=outputs)
-    return np.asarray(out["logits"]), float(np.asarray(out["loss"])), g
-
-
-def validate(params: Params, state: DebugState, *, backend: str = "onnxruntime") -> Report:
-    """Compare graphc with the state: logits, loss, and every gradient tensor."""
-    logits, loss, grads = compute(params, state.inputs, state.targets, backend=backend)
-    checks = [Check("logits", _max_abs_diff(logits, state.logits), TOLERANCES["logits"]),
-              Check("loss", abs(loss - state.loss) if np.isfinite(loss) else float("inf"), TOLERANCES["loss"])]
-    notes = []
-    if grads is None:
-        notes.append("gradients not checked: graphc.passes.autodiff is not available in this checkout")
-    else:
-        for tensor in LLMC_ORDER:
-            checks.append(Check(f"grad {tensor}", _max_abs_diff(grads.tensor(tensor), state.grads.tensor(tensor)),
-                                TOLERANCES["grads"]))
-    return Report(checks, notes, loss, state.loss)
 

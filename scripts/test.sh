@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
-source "$ROOT/scripts/setup_env.sh" "test,plot,tensorrt"
+source "$ROOT/scripts/setup_env.sh" "test,plot,tensorrt,gpu"   # gpu: cuBLASLt/cuDNN bindings, whose plan tests need no GPU
 export GRAPHC_REQUIRE_TENSORRT=1   # a missing TensorRT builder fails the engine tests instead of skipping them
 cd "$ROOT"
-exec python -m pytest -q "$@"
+exec python -m pytest -q -rs "$@"

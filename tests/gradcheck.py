@@ -10,9 +10,10 @@ finite differences (float64 only: eps 1e-6 and rtol 1e-6 are meaningful only the
 ``<dL/dx, t>`` must equal ``(L(x + eps t) - L(x - eps t)) / 2 eps``.
 
 For ops onnxruntime cannot run in float64 (``Erf``, and so ``Gelu`` without the tanh
-approximation) a float32 finite difference would be too noisy to mean anything, so
-:func:`check_torch` compares the float32 graph's gradients with ``torch.autograd`` in
-float64 on the same (float32-valued) inputs instead.
+approximation) or runs with float32 inside (``Attention``, ~1e-8), a case made with
+``backend="reference"`` runs its forward and training graphs on graphc's float64
+reference interpreter (``graphc.backends.reference``) instead; :func:`check_torch`
+compares float32 graphs' gradients with ``torch.autograd`` in float64.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ class Case:
     wrt: list[str]
     cotangents: list[np.ndarray] = field(default_factory=list)
     train: onnx.ModelProto | None = None
+    backend: str = "onnxruntime"      # or "reference": graphc's float64 interpreter
 
     def grads(self, **kwargs) -> dict[str, np.ndarray]:
         """Analytic gradients from graphc's training graph, run in onnxruntime."""
         if self.train is None:
             self.train = differentiate(self.model, "loss", self.wrt, **kwargs)
             onnx.checker.check_model(self.train, full_check=True)
-        out = run(self.train, self.feeds)
+        out = run(self.train, self.feeds, self.backend)
         grads = {w: out[grad_name(w)] for w in self.wrt}
         for w, g in grads.items():
             assert g.shape == self.feeds[w].shape, f"grad of {w}: shape {g.shape}, expected {self.feeds[w].shape}"
@@ -61,6 +63,8 @@ class Case:
                 outs = [outs] if isinstance(outs, np.ndarray) else list(outs)
                 return float(sum(np.sum(o * c) for o, c in zip(outs, self.cotangents)))
             return loss
+        if self.backend != "onnxruntime":
+            return lambda feeds: float(run(self.model, feeds, self.backend)["loss"])
         sess = session(self.model)
         return lambda feeds: float(sess.run(["loss"], feeds)[0])
 
@@ -72,7 +76,14 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], backend: str = "onnxruntime",
+        ) -> dict[str, np.ndarray]:
+    if backend == "reference":
+        from graphc.backends.reference import ReferenceBackend
+
+        prepared = ReferenceBackend(keep_float64=True).prepare(model)
+        return prepared.run({k: v for k, v in feeds.items() if k in prepared.input_names})
+    assert backend == "onnxruntime", backend
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
@@ -98,22 +109,24 @@ def _graph(fn: BuildFn, inputs: dict, consts: dict, cotangents: list | None):
 
 
 def make_case(fn: BuildFn, inputs: dict[str, np.ndarray], consts: dict[str, np.ndarray] | None = None,
-              wrt: list[str] | None = None, seed: int = 0, cotangents: list[np.ndarray] | None = None) -> Case:
+              wrt: list[str] | None = None, seed: int = 0, cotangents: list[np.ndarray] | None = None,
+              backend: str = "onnxruntime") -> Case:
     """A case from ``fn(b, names) -> output value(s)``.
 
     ``inputs`` become graph inputs (floating ones are differentiated unless ``wrt`` says
     otherwise), ``consts`` become initializers; ``names`` maps both to value names.
+    ``backend`` runs the case's graphs (``"reference"``: float64 throughout).
     """
     consts = consts or {}
     if cotangents is None:
         probe, _ = _graph(fn, inputs, consts, None)
-        outs = list(run(probe, inputs).values())
+        outs = list(run(probe, inputs, backend).values())
         rng = np.random.default_rng(seed + 1000)
         cotangents = [rng.standard_normal(o.shape).astype(o.dtype) for o in outs]
     model, _ = _graph(fn, inputs, consts, cotangents)
     if wrt is None:
         wrt = [n for n, a in inputs.items() if a.dtype.kind == "f"]
-    return Case(model, dict(inputs), list(wrt), list(cotangents))
+    return Case(model, dict(inputs), list(wrt), list(cotangents), backend=backend)
 
 
 def fd_grad(loss: Callable, feeds: dict[str, np.ndarray], name: str, eps: float = 1e-6) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Every GPT-2 parameter gradient from graphc's autodiff against PyTorch autograd (fp32).
 
-The training graph is ``differentiate(build_forward(cfg), "loss", param names)`` run in
-onnxruntime; the reference is the independent ``tests/torch_gpt2.py`` on the same weights
-and batch. Gradients are compared per llm.c tensor (per-layer ones stacked), relative
+Both training graphs are checked, run in onnxruntime: the *optimised* one ``graphc train``
+runs by default (fused forward, then fused backward ops: ``runtime.programs.training_graph``)
+and the plain ``differentiate(build_forward(cfg), "loss", param names)`` (``--no-opt``); the
+reference is the independent ``tests/torch_gpt2.py`` on the same weights and batch. Gradients are compared per llm.c tensor (per-layer ones stacked), relative
 error (``helpers.rel_err``) <= 1e-4 each, and the loss to 1e-5.
 """
 
@@ -21,6 +22,8 @@ from graphc.models.gpt2 import build_forward
 from graphc.models.init import random_init
 from graphc.models.params import LLMC_ORDER, param_specs
 from graphc.passes.autodiff import differentiate, grad_name
+from graphc.ops import count_fused
+from graphc.runtime.programs import training_graph
 from helpers import random_batch, rel_err
 from torch_gpt2 import TorchGPT2
 
@@ -37,9 +40,9 @@ def perturbed_params(cfg, seed=0):
     return params
 
 
-def graphc_grads(cfg, params, tokens, targets, train=None):
-    if train is None:
-        train = differentiate(build_forward(cfg, logits=False), "loss", params.names(), keep_outputs=False)
+def graphc_grads(cfg, params, tokens, targets, opt):
+    train = training_graph(cfg, opt=opt)
+    assert count_fused(train)["attention_backward"] == (cfg.n_layer if opt else 0)
     prepared = OnnxRuntimeBackend().prepare(train)
     prepared.bind(params.feeds())
     grads = params.like()
@@ -56,11 +59,11 @@ def torch_grads(params, tokens, targets):
     return float(loss.detach()), model.grads()
 
 
-def compare(cfg, B, T, seed=0, tokens=None):
+def compare(cfg, B, T, seed=0, tokens=None, opt=True):
     params = perturbed_params(cfg, seed)
     toks, targets = random_batch(cfg, B, T, seed)
     tokens = toks if tokens is None else tokens
-    loss, grads = graphc_grads(cfg, params, tokens, targets)
+    loss, grads = graphc_grads(cfg, params, tokens, targets, opt)
     ref_loss, ref = torch_grads(params, tokens, targets)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     errors = {t: rel_err(grads.tensor(t), ref[t]) for t in LLMC_ORDER}
@@ -84,25 +87,31 @@ def test_training_graph_is_valid_and_shaped():
     assert not any(n.op_type in ("Compress", "NonZero") for n in train.graph.node)
 
 
+OPT = pytest.mark.parametrize("opt", [True, False], ids=["optimised", "unoptimised"])
+
+
+@OPT
 @pytest.mark.parametrize("B,T", [(2, 16), (1, 1), (3, 37)])
-def test_small_config_grads_match_pytorch(B, T):
-    compare(SMALL, B, T)
+def test_small_config_grads_match_pytorch(B, T, opt):
+    compare(SMALL, B, T, opt=opt)
 
 
-def test_duplicate_token_ids_accumulate():
+@OPT
+def test_duplicate_token_ids_accumulate(opt):
     # many repeated ids: the wte gradient must sum every occurrence (ScatterND add)
     B, T = 2, 24
     tokens = np.tile(np.array([5, 5, 9, 5, 9, 100], np.int64), (B, T // 6))
-    grads, ref = compare(SMALL, B, T, tokens=tokens)
+    grads, ref = compare(SMALL, B, T, tokens=tokens, opt=opt)
     rows = grads.tensor("wte")[[5, 9, 100]]
     assert rel_err(rows, ref["wte"][[5, 9, 100]]) <= 1e-4
     # padded rows (past the real vocabulary) get exact zeros
     assert not grads.tensor("wte")[SMALL.vocab_size:].any()
 
 
-@pytest.mark.slow
-def test_d12_grads_match_pytorch():
+@pytest.mark.parametrize("opt", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["optimised", "unoptimised"])
+def test_d12_grads_match_pytorch(opt):
+    """d12 in the default suite on the path that trains; the unoptimised graph (--no-opt) is slow here."""
     cfg = named_config("d12")
     start = time.perf_counter()
-    compare(cfg, 4, 64)
+    compare(cfg, 4, 64, opt=opt)
     print(f"d12 B=4 T=64 gradient check: {time.perf_counter() - start:.1f} s")

@@ -8,12 +8,14 @@ Which reference each op is checked against (helpers in tests/gradcheck.py):
   Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Expand, Concat, Split, Slice, Gather,
   GatherElements, Softmax, LogSoftmax, SoftmaxCrossEntropyLoss, NegativeLogLikelihoodLoss,
   LayerNormalization (float64: statistics recomputed in float64);
-* FD of a numpy float64 forward - Attention: onnxruntime has a float64 Attention kernel
-  but it is only accurate to ~1e-8 (float32 inside), which would swamp eps = 1e-6; its
-  forward is checked against the numpy one first;
+* FD on the float64 reference backend (``graphc.backends.reference``, forward and
+  training graphs in float64 numpy) - Erf, exact Gelu and Attention: onnxruntime has no
+  float64 Erf kernel, and its float64 Attention is only accurate to ~1e-8 (float32
+  inside), which would swamp eps = 1e-6; onnxruntime's and the reference's forwards are
+  checked against an independent numpy attention first;
 * DOT - the dot-product test <J^T c, t> == <c, J t> (float64) on larger batched MatMuls;
 * TORCH - torch.autograd in float64 on the same inputs, for float32 graphs: Erf and exact
-  Gelu (onnxruntime has no float64 Erf kernel, and decomposes Gelu into Erf), Gelu(tanh),
+  Gelu (their float32 code paths), Gelu(tanh),
   and the float32 code paths of LayerNormalization (reuses the forward's Mean/InvStdDev)
   and Attention;
 * EXACT - closed forms: Cast (a linear map), ReduceMax ties, Gather duplicates
@@ -121,6 +123,14 @@ def test_pow_integer_exponent_input():
 
 def test_gelu_tanh_fd():
     check_fd(make_case(op("Gelu", "x", approximate="tanh"), {"x": rnd(4, 6) * 2}))
+
+
+def test_erf_float64_fd_on_the_reference_backend():
+    check_fd(make_case(op("Erf", "x"), {"x": rnd(4, 6) * 1.5}, backend="reference"))
+
+
+def test_gelu_exact_float64_fd_on_the_reference_backend():
+    check_fd(make_case(op("Gelu", "x"), {"x": rnd(4, 6) * 2}, backend="reference"))
 
 
 def test_erf_float32_vs_torch():
@@ -439,13 +449,18 @@ def numpy_attention(q, k, v, causal, scale=None):
 @pytest.mark.parametrize("tq,tk,scale", [(4, 4, None), (3, 5, 0.3), (5, 5, 0.7)])
 def test_attention_fd(causal, tq, tk, scale):
     # onnxruntime's float64 Attention is only accurate to ~1e-8 (float32 inside), so the
-    # finite differences are of a numpy float64 attention; onnxruntime's forward must
-    # agree with it (and so with the top-left causal convention the rule assumes).
+    # case runs on the float64 reference backend; onnxruntime's forward (1e-6) and the
+    # reference's (1e-12) must agree with an independent numpy attention (and so with the
+    # top-left causal convention the rule assumes).
     inputs = {"q": rnd(2, 2, tq, 3, seed=1), "k": rnd(2, 2, tk, 3, seed=2), "v": rnd(2, 2, tk, 4, seed=3)}
-    case = make_case(op("Attention", "q", "k", "v", is_causal=causal, scale=scale), inputs)
-    reference = lambda q, k, v: numpy_attention(q, k, v, causal, scale)  # noqa: E731
-    np.testing.assert_allclose(case.loss_fn()(inputs), case.loss_fn(reference)(inputs), rtol=1e-6)
-    check_fd(case, reference=reference)
+    build = op("Attention", "q", "k", "v", is_causal=causal, scale=scale)
+    case = make_case(build, inputs, backend="reference")
+    graph_scale = None if scale is None else float(np.float32(scale))   # ONNX float attributes are float32
+    expected = case.loss_fn(lambda q, k, v: numpy_attention(q, k, v, causal, graph_scale))(inputs)
+    np.testing.assert_allclose(case.loss_fn()(inputs), expected, rtol=1e-12)
+    on_ort = make_case(build, inputs, cotangents=case.cotangents)
+    np.testing.assert_allclose(on_ort.loss_fn()(inputs), expected, rtol=1e-6)
+    check_fd(case)
 
 
 def test_attention_float32_vs_torch():

@@ -158,6 +158,7 @@ GRAD = ["grad", "{ws}/mlp.onnx", "--loss", "loss", "--wrt", "W1"]
 PREPARE = ["prepare", "--input", "{ws}/text.txt"]
 COMPILE = ["compile", "--model", MODEL, "--mode", "infer"]
 VALIDATE = ["validate", "--model", "{ws}/model.bin", "--state"]
+COMPARE = ["compare", "--model", MODEL, "--mode", "infer", "--backends"]
 
 CASES: list[Case] = [
     # ------------------------------------------------------------------ the command line itself
@@ -396,6 +397,20 @@ CASES: list[Case] = [
          patch=lambda mp: mp.setattr("graphc.passes.manager.listing", _no_space)),
     Case("compile-t-too-long", [*COMPILE, "-t", "4096"], "-t: sequence length 4096"),
     Case("compile-b-zero", [*COMPILE, "-b", "0"], "-b: must be >= 1"),
+    # ------------------------------------------------------------------ compare
+    Case("compare-one-backend", [*COMPARE, "onnxruntime"], "--backends: name at least two backends"),
+    Case("compare-unknown-backend", [*COMPARE, "onnxruntime,onnxrt"], "onnxrt: --backends: unknown backend"),
+    Case("compare-backend-unusable", [*COMPARE, "onnxruntime,reference"], "reference: --backends: backend is not "
+         "available here: no GPU", patch=lambda mp: mp.setattr("graphc.backends.reference.ReferenceBackend.available",
+                                                                classmethod(lambda cls: (False, "no GPU")))),
+    Case("compare-backend-twice", [*COMPARE, "reference,reference"], "reference: --backends: backend named twice"),
+    Case("compare-model-missing", ["compare", "--model", "none.bin", "--mode", "infer", "--backends",
+                                   "onnxruntime,reference"], "no such file"),
+    Case("compare-bad-mode", ["compare", "--model", MODEL, "--mode", "serve", "--backends", "onnxruntime,reference"],
+         "invalid choice: 'serve'"),
+    Case("compare-bad-precision", [*COMPARE, "onnxruntime,reference", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    Case("compare-t-too-long", [*COMPARE, "onnxruntime,reference", "-t", "4096"], "-t: sequence length 4096"),
+    Case("compare-b-zero", [*COMPARE, "onnxruntime,reference", "-b", "0"], "-b: must be >= 1"),
 ]
 
 

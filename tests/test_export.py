@@ -254,7 +254,6 @@ def test_cli_export_errors(capsys, tmp_path, argv):
     assert not (tmp_path / "x.onnx").exists()
 
 
-@pytest.mark.slow
 def test_d12_exports_match_pytorch(tmp_path):
     params = random_init(named_config("d12"), 0)
     tokens = np.random.default_rng(0).integers(0, 50257, (1, 16))

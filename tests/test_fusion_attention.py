@@ -13,7 +13,7 @@ from graphc.models.kv_cache import build_decode, build_decoder_with_past, build_
 from graphc.passes.fusions.attention import fuse_attention
 from graphc.passes.manager import op_counts, run_passes
 from graphc.passes.pipelines import optimize
-from graphc.passes.verify import random_feeds, relative_errors
+from graphc.compare import random_feeds, relative_errors
 
 SMALL = GPT2Config(n_layer=2, n_head=4, n_embd=64, max_seq_len=128)
 

@@ -11,7 +11,7 @@ from graphc.passes.autodiff import differentiate
 from graphc.passes.fusions.backward import FuseBackward, structural_hashes
 from graphc.passes.manager import op_counts, run_passes
 from graphc.passes.pipelines import float_inputs, optimize
-from graphc.passes.verify import random_feeds, relative_errors
+from graphc.compare import random_feeds, relative_errors
 
 SMALL = GPT2Config(n_layer=2, n_head=4, n_embd=64, max_seq_len=128)
 EXPECTED = {"attention": 2, "attention_backward": 2, "layernorm": 5, "layernorm_backward": 5, "gelu": 2,

@@ -36,7 +36,6 @@ def test_small_config_matches_pytorch(B, T):
     assert abs(float(out["loss"]) - ref_loss) / abs(ref_loss) <= 1e-5
 
 
-@pytest.mark.slow
 def test_d12_matches_pytorch():
     out, ref_logits, ref_loss = run_both(named_config("d12"), 2, 64)
     assert rel_err(out["logits"], ref_logits) <= 1e-5

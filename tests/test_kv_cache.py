@@ -197,7 +197,6 @@ def test_bad_prompts_are_one_line_errors(params):
     assert gen.generate([[1]], 0) == [[]]
 
 
-@pytest.mark.slow
 def test_d12_greedy_cache_recompute_and_huggingface_agree():
     params = random_init(named_config("d12"), 0)
     prompt = [464, 3290, 318, 257, 1310, 286]

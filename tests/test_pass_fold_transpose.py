@@ -8,7 +8,7 @@ from graphc.models.gpt2 import build_forward
 from graphc.passes.dce import DeadCodeElimination
 from graphc.passes.fold_transpose import FoldTranspose
 from graphc.passes.manager import op_counts, run_passes
-from graphc.passes.verify import random_feeds, relative_errors
+from graphc.compare import random_feeds, relative_errors
 
 SMALL = GPT2Config(n_layer=2, n_head=4, n_embd=64, max_seq_len=128)
 

@@ -92,7 +92,7 @@ def test_report_counts_nodes_fusions_and_time():
     ln, gelu, dce = report.passes
     assert ln.nodes_before == len(model.graph.node) and ln.nodes_before - ln.nodes_after == 5 * 9
     assert ln.fused == {"layernorm": 5} and gelu.fused == {"gelu": 2} and dce.fused == {}
-    assert ln.stats == {"layernorm": 5} and all(p.seconds >= 0 for p in report.passes)
+    assert ln.stats == {"layernorm": 5}
     assert report.fused["layernorm"] == 5 and report.fused["attention"] == 0
     assert report.nodes_after == dce.nodes_after
     text = report.format()

@@ -11,7 +11,7 @@ from graphc.passes.fusions.pattern import GraphIndex, reduce_axes
 from graphc.passes.manager import op_counts
 from graphc.passes.memory_plan import plan_model
 from graphc.passes.pipelines import PASSES, PIPELINES, float_inputs, optimize, pipeline_for
-from graphc.passes.verify import random_feeds, relative_errors
+from graphc.compare import random_feeds, relative_errors
 
 SMALL = GPT2Config(n_layer=2, n_head=4, n_embd=64, max_seq_len=128)
 ALL_KINDS = ["attention", "layernorm", "gelu", "cross_entropy"]

@@ -30,7 +30,8 @@ from graphc.models.params import param_specs
 from graphc.passes.autodiff import grad_name
 from graphc.passes.pipelines import optimize, precision_passes
 from graphc.passes.precision import emulate_bf16, to_bf16
-from graphc.passes.verify import infer_shapes, run_onnxruntime
+from graphc.compare import run_onnxruntime
+from graphc.passes.verify import infer_shapes
 from graphc.precision import PRECISIONS, get_precision
 from helpers import random_batch, rel_err
 from test_autodiff_gpt2 import perturbed_params

@@ -12,7 +12,8 @@ from graphc.models.gpt2 import build_forward
 from graphc.models.kv_cache import build_decode, build_decoder_with_past
 from graphc.passes.manager import op_counts
 from graphc.passes.pipelines import optimize
-from graphc.passes.verify import random_feeds, relative_errors, run_onnxruntime, verify
+from graphc.compare import random_feeds, relative_errors, run_onnxruntime
+from graphc.passes.verify import verify
 from tensorrt_helpers import require_builder
 from trt_ops import MATRIX, assert_trt_compatible
 

@@ -13,7 +13,7 @@ from graphc.backends.compare import compare
 from graphc.backends.tensorrt import TensorRTBackend
 from graphc.models.config import GPT2Config
 from graphc.models.init import random_init
-from graphc.passes.verify import run_onnxruntime
+from graphc.compare import run_onnxruntime
 
 RUNNABLE, WHY = TensorRTBackend.available()
 pytestmark = pytest.mark.skipif(not RUNNABLE, reason=f"TensorRT engines cannot run here: {WHY}")

@@ -1,6 +1,8 @@
 """Every graph graphc builds for inference or export uses only TensorRT-supported ONNX ops,
-within TensorRT's documented restrictions (tests/trt_ops.py); and the checker itself catches
-what it claims to."""
+within TensorRT's documented restrictions (tests/trt_ops.py); the training graphs (optimised
+and not) are walked too, and their one finding is the embedding gradient's
+``ScatterND(reduction="add")``, which the TensorRT backend must legalise; and the checker
+itself catches what it claims to."""
 
 import onnx
 import pytest
@@ -40,10 +42,39 @@ def test_graphc_graphs_are_trt_compatible(name):
 
 
 def test_optimised_forward_graphs_are_trt_compatible():
-    pipelines = pytest.importorskip("graphc.passes.pipelines")
+    from graphc.passes import pipelines
+
     for loss in (False, True):
         model, _ = pipelines.optimize(build_forward(SMALL, loss=loss), "infer")
         assert_trt_compatible(model, f"optimised forward (loss={loss})")
+
+
+@pytest.mark.parametrize("opt", [True, False], ids=["optimised", "unoptimised"])
+def test_training_graphs_report_only_the_embedding_scatter_add(opt):
+    """The checker walks training graphs without crashing on the fused backward functions'
+    ``ref_attr_name`` attributes, and finds exactly one problem: wte's gradient."""
+    from graphc.ops import count_fused
+    from graphc.runtime.programs import training_graph
+
+    model = training_graph(SMALL, opt=opt)
+    assert (count_fused(model)["attention_backward"] == SMALL.n_layer) == opt
+    problems = violations(model)
+    assert len(problems) == 1, problems
+    assert "ScatterND" in problems[0] and "reduction must be none, is 'add'" in problems[0]
+
+
+def test_reference_attributes_in_function_bodies_are_call_site_constants():
+    # as in graphc.LayerNormGrad: Constant(value_float <- the caller's epsilon)
+    body = [helper.make_node("Constant", [], ["eps"]), helper.make_node("Add", ["a", "eps"], ["b"])]
+    body[0].attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name="epsilon",
+                                                 type=onnx.AttributeProto.FLOAT))
+    fn = helper.make_function("graphc", "AddEps", ["a"], ["b"], body, [helper.make_opsetid("", 24)],
+                              attributes=["epsilon"])
+    m = make([helper.make_node("AddEps", ["x"], ["y"], domain="graphc", epsilon=1e-5)], [vi("x", [2, 4])],
+             [vi("y", None)], functions=[fn])
+    assert violations(m) == []
+    m.functions[0].node[1].op_type = "Unique"     # and the body is still checked
+    assert any("AddEps" in p and "Unique" in p for p in violations(m))
 
 
 @pytest.fixture(scope="module")

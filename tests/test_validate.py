@@ -8,11 +8,11 @@ import torch
 from graphc.cli.main import main
 from graphc.errors import GraphcError
 from graphc.models.config import GPT2Config, named_config
-from graphc.models.debug_state import (HEADER_INTS, MAGIC, TOLERANCES, autodiff_available, read_debug_state,
-                                       write_debug_state)
+from graphc.models.debug_state import HEADER_INTS, MAGIC, read_debug_state, write_debug_state
 from graphc.models.init import random_init
 from graphc.models.llmc import save_llmc
 from graphc.models.params import LLMC_ORDER, Params
+from graphc.runtime.validate import TOLERANCES
 from torch_gpt2 import TorchGPT2
 
 SMALL = GPT2Config(n_layer=2, n_head=4, n_embd=64, max_seq_len=32)
@@ -70,10 +70,7 @@ def test_pytorch_state_validates_ok(capsys, files):
     assert any(line.startswith("logits max abs diff ") for line in lines)
     assert any(line.startswith("loss max abs diff ") for line in lines)
     grad_lines = [line for line in lines if line.startswith("grad ")]
-    if autodiff_available():
-        assert len(grad_lines) == len(LLMC_ORDER)
-    else:
-        assert not grad_lines and any("gradients not checked" in line for line in lines)
+    assert len(grad_lines) == len(LLMC_ORDER)
 
 
 def corrupt(src, dst, cfg, what):
@@ -89,8 +86,6 @@ def corrupt(src, dst, cfg, what):
 @pytest.mark.parametrize("what", ["logits", "loss", "grad"])
 def test_corrupted_state_fails(capsys, files, tmp_path, what):
     d, params, _ = files
-    if what == "grad" and not autodiff_available():
-        pytest.skip("graphc.passes.autodiff not available: gradients are not checked")
     corrupt(d / "state.bin", tmp_path / "bad.bin", params.cfg, what)
     code, out, _ = cli(capsys, d / "model.bin", tmp_path / "bad.bin")
     assert code == 1
@@ -172,7 +167,6 @@ def test_tolerances_are_llmc_s():
     assert MAGIC == 20240327
 
 
-@pytest.mark.slow
 def test_d12_state_validates(capsys, tmp_path):
     params = random_init(named_config("d12"), 0)
     save_llmc(params, tmp_path / "d12.bin")
@@ -193,3 +187,33 @@ def test_unpadded_wte_gradient_is_named(capsys, files, tmp_path):
     (tmp_path / "old.bin").write_bytes(data[:wte_end - pad] + data[wte_end:])
     code, _, err = cli(capsys, d / "model.bin", tmp_path / "old.bin")
     assert code == 2 and "grads.wte" in err and "padded" in err and len(err.strip().splitlines()) == 1
+
+
+def test_validate_checks_the_optimised_training_graph(files, monkeypatch):
+    """By default the gradients come from the fused training graph ``graphc train`` runs."""
+    import graphc.runtime.validate as validate_mod
+    from graphc.ops import count_fused
+
+    d, params, _ = files
+    state = read_debug_state(d / "state.bin", params.cfg)
+    prepared = []
+    real_prepare = validate_mod.prepare
+    monkeypatch.setattr(validate_mod, "prepare", lambda model, *a, **k: prepared.append(model) or
+                        real_prepare(model, *a, **k))
+    for opt in (True, False):
+        prepared.clear()
+        report = validate_mod.validate(params, state, opt=opt)
+        assert report.ok, report.failed
+        train = next(m for m in prepared if any(o.name.startswith("grad.") for o in m.graph.output))
+        fused = count_fused(train)
+        L = params.cfg.n_layer
+        expected = {"attention_backward": L, "layernorm_backward": 2 * L + 1, "gelu_backward": L,
+                    "cross_entropy_backward": 1}
+        assert all(fused[k] == (n if opt else 0) for k, n in expected.items()), fused
+
+
+def test_no_opt_validates_ok(capsys, files):
+    d, _, _ = files
+    code = main(["validate", "--model", str(d / "model.bin"), "--state", str(d / "state.bin"), "--no-opt"])
+    out, _ = capsys.readouterr()
+    assert code == 0 and out.splitlines()[-1] == "OK", out

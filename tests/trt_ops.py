@@ -4,7 +4,8 @@ TensorRT's ONNX parser publishes an operator support matrix (``tensorrt_onnx_ops
 shared reference folder: ``NAME<TAB>supported|NOT supported<TAB>notes``). This module loads
 it and walks a ``ModelProto`` -- the main graph, every subgraph (If/Loop/Scan bodies) and
 every local function body (TensorRT inlines local functions, so their bodies are what it
-parses) -- and reports
+parses; attributes a body binds from its caller, ``ref_attr_name``, are constants of
+unknown value there) -- and reports
 
 * any op marked NOT supported, or absent from the matrix, or from a foreign domain that
   is not a local function of the model;
@@ -87,10 +88,15 @@ class _Scope:
         return self.parent.rank(name) if self.parent else None
 
 
+class RefAttr(str):
+    """An attribute of a function-body node bound from the caller (``ref_attr_name``): its
+    value exists only at each call site (the fused backward ops' epsilon, scale, is_causal)."""
+
+
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            return RefAttr(a.ref_attr_name) if a.ref_attr_name else onnx.helper.get_attribute_value(a)
     return default
 
 
@@ -186,12 +192,14 @@ def _propagate(n: onnx.NodeProto, scope: _Scope, const: bool) -> None:
             value = None
             if n.op_type == "Constant":
                 t = _attr(n, "value")
-                if t is not None:
+                if isinstance(t, RefAttr):
+                    value = None   # a constant whose value each call site binds
+                elif t is not None:
                     value = numpy_helper.to_array(t)
                 else:
                     for key in ("value_int", "value_ints", "value_float", "value_floats"):
                         v = _attr(n, key)
-                        if v is not None:
+                        if v is not None and not isinstance(v, RefAttr):
                             value = np.asarray(v)
             scope.values[out] = value
         else:

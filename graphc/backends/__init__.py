@@ -12,6 +12,7 @@ from graphc.errors import GraphcError
 
 REGISTRY = {
     "onnxruntime": "graphc.backends.onnxruntime:OnnxRuntimeBackend",
+    "reference": "graphc.backends.reference:ReferenceBackend",   # float64 numpy interpreter
     "tensorrt": "graphc.backends.tensorrt:TensorRTBackend",
     "cuda": "graphc.backends.cuda:CudaBackend",
 }

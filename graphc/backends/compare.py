@@ -13,6 +13,8 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from graphc.compare import relative_error
+
 # relative-norm tolerances by the precision the backend computes in
 TOLERANCES = {
     "float32": 1e-4,
@@ -20,15 +22,6 @@ TOLERANCES = {
     "bfloat16": 2e-2,
 }
 EXACT = {"int64", "int32", "bool"}
-
-
-def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
-    a = np.asarray(actual).astype(np.float64)
-    e = np.asarray(reference).astype(np.float64)
-    if a.shape != e.shape or not np.all(np.isfinite(a)):
-        return float("inf")
-    denom = np.linalg.norm(e)
-    return float(np.linalg.norm(a - e) / (denom if denom > 0 else 1.0))
 
 
 def compare(actual: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *,

@@ -24,7 +24,7 @@ import sys
 
 from graphc.errors import GraphcError
 
-COMMANDS = ["prepare", "eval", "train", "grad", "generate", "export", "validate", "compile", "serve", "engine"]
+COMMANDS = ["prepare", "eval", "train", "grad", "generate", "export", "validate", "compile", "compare", "serve", "engine"]
 
 
 def _load(name: str):
