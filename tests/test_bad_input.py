@@ -168,7 +168,7 @@ CASES: list[Case] = [
     Case("unknown-flag", [*TRAIN, "--bogus"], "unrecognized arguments: --bogus"),
     Case("int-not-int", [*EVAL, "{ws}/model.bin", "-b", "x"], "-b: must be an integer, got 'x'"),
     Case("exclusive-prompts", [*GEN, "--prompt", "a", "--prompt-ids", "1"], "not allowed with argument"),
-    Case("export-no-destination", EXPORT, "one of the arguments --out --weights-only is required"),
+    Case("export-no-destination", EXPORT, "one of the arguments --out --weights-only --triton-repo is required"),
     Case("bad-choice-mode", ["compile", "--model", MODEL, "--mode", "fast"], "--mode: invalid choice: 'fast'"),
     Case("bad-backend", [*EVAL, "{ws}/model.bin", "--backend", "cuda9"], "--backend: invalid choice"),
     # ------------------------------------------------------------------ environment and versions
