@@ -204,6 +204,17 @@ class TrainStep(abc.ABC):
         :func:`micro_batches`): the gradient is the mean of the k micro-batch gradients
         (each scaled by 1/k as it is added, llm.c's order), the loss the mean of their losses."""
 
+    def submit(self, tokens: np.ndarray, targets: np.ndarray, *, t: int, lr: float) -> None:
+        """Start a step; :meth:`wait` returns its result. Between the two the host is free to
+        prepare the next batch while the device works (the trainer does). This default runs
+        the step right here (host backends have nothing to overlap with)."""
+        self._pending = self.run(tokens, targets, t=t, lr=lr)
+
+    def wait(self) -> StepResult:
+        """The result of the step :meth:`submit` started."""
+        result, self._pending = self._pending, None
+        return result
+
     def read_params(self) -> np.ndarray:
         """The flat float32 parameters, llm.c's layout, as a host copy."""
         return np.array(self.params.flat.to_numpy(), dtype=np.float32, copy=True)

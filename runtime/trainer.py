@@ -1,8 +1,11 @@
 """The compiled training runner: drives a backend's train-step program over the data.
 
-One step is: next batch from the loader (llm.c's order), then one call of the backend's
-:class:`~graphc.runtime.programs.TrainStep` (forward, backward, optional clip, AdamW, all
-on the backend's device), which returns the loss. The runner never touches the backend's
+One step is: next batch from the loader (llm.c's order; ``grad_accum`` micro-batches), then
+one call of the backend's :class:`~graphc.runtime.programs.TrainStep` (forward, backward,
+optional clip, AdamW, all on the backend's device), which returns the loss. The step is
+submitted and waited for separately, and the next step's batch is read in between, so on
+a GPU the host prepares it while the device runs (checkpoints keep the loader's position
+before that read, so resuming stays bit for bit). The runner never touches the backend's
 buffers: parameters and optimizer state come back to the host only for a checkpoint or a
 sample (:meth:`TrainStep.read_params`), and validation runs the backend's
 :class:`~graphc.runtime.programs.Evaluator`, which shares the step's parameters.
@@ -18,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-
-import numpy as np
 from pathlib import Path
 from typing import Callable
 
@@ -116,6 +117,8 @@ class Trainer:
         self.schedule = SCHEDULES[config.schedule](config.adamw.lr, config.steps, config.warmup,
                                                    config.lr_final_frac)
         self.step = 0
+        self.prefetched = None          # the next step's batch, read while the device ran the last
+        self.loader_state = None        # the loader's state before that read (what a checkpoint keeps)
         self.log = TrainLog()
         self.stop_requested = False
 
@@ -140,6 +143,7 @@ class Trainer:
         # every rank's loader is at rank 0's position (they advance together); only the rank differs
         loader = state["loader"]
         self.train_loader.restore({**loader, "config": {**loader["config"], "process_rank": self.rank}})
+        self.prefetched = None
         self.step = int(state["step"])
         self.log = TrainLog(state.get("log", []))
 
@@ -153,8 +157,9 @@ class Trainer:
         params = self.program.read_params()
         if self.rank != 0:
             return
-        state = {"loader": self.train_loader.state(), "config": self.config.resumable(), "log": self.log.rows,
-                 "gpus": self.world}
+        # the loader's position after the last step taken (not after the prefetched batch)
+        loader = self.loader_state if self.prefetched is not None else self.train_loader.state()
+        state = {"loader": loader, "config": self.config.resumable(), "log": self.log.rows, "gpus": self.world}
         checkpoint.save(self.out, self.step, Params(self.params.cfg, params),
                         opt_state["m"], opt_state["v"], state)
         self.log.write(self.out)
@@ -176,16 +181,25 @@ class Trainer:
 
     def train_step(self) -> float:
         t0 = time.perf_counter()
-        batches = [self.train_loader.next_batch() for _ in range(self.config.grad_accum)]
-        inputs, targets = np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])
+        inputs, targets = self.prefetched or self.next_batches()
+        self.prefetched = None
         lr = self.schedule(self.step)
-        loss = self.program.run(inputs, targets, t=self.step + 1, lr=lr).loss
+        self.program.submit(inputs, targets, t=self.step + 1, lr=lr)
+        if self.step + 1 < self.config.steps:  # the next batch is read while the device runs this step
+            self.loader_state = self.train_loader.state()
+            self.prefetched = self.next_batches()
+        loss = self.program.wait().loss
         require_finite_loss(loss, self.step, self.out)   # before anything is saved from these weights
         ms = (time.perf_counter() - t0) * 1000
         self.emit(f"step {self.step}: train loss {loss:.6f} (took {ms:.1f} ms)")
         self.log.add("train", self.step, loss, lr, ms)
         self.step += 1
         return ms
+
+    def next_batches(self) -> tuple[np.ndarray, np.ndarray]:
+        """One step's micro-batches, ``[grad_accum, B, T]`` tokens and targets (loader order)."""
+        batches = [self.train_loader.next_batch() for _ in range(self.config.grad_accum)]
+        return np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])
 
     def run(self, stop_after: int | None = None) -> TrainLog:
         """Train until ``config.steps`` (or after step ``stop_after``, as if interrupted)."""

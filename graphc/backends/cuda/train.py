@@ -252,10 +252,18 @@ class CudaTrainStep(TrainStep):
         memcpy_dtoh_async(self.h_out.ctypes.data, self.hyper.ptr + 8, 4, stream)
 
     def run(self, tokens, targets, *, t: int, lr: float) -> StepResult:
+        self.submit(tokens, targets, t=t, lr=lr)
+        return self.wait()
+
+    def submit(self, tokens, targets, *, t: int, lr: float) -> None:
+        """Write the batch and lr/t into pinned memory and launch the graph (no wait): its
+        first nodes copy them to the device asynchronously while the host goes on."""
         self.h_tokens[...] = micro_batches(tokens, self.spec)
         self.h_targets[...] = micro_batches(targets, self.spec)
         self.h_hyper[0], self.h_hyper[1] = lr, t
         self.graph.replay()
+
+    def wait(self) -> StepResult:
         self.backend.rt.synchronize()
         for bucket in self.buckets if self.grad_hooks else ():
             for hook in self.grad_hooks:
