@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from graphc.backends import REGISTRY, get_backend
-from graphc.backends.compare import compare
+from graphc.compare import compare_results
 from graphc.backends.tensorrt import backend as trt_backend
 from graphc.backends.tensorrt.cache import EngineCache, EngineKey, graph_hash
 from graphc.backends.tensorrt.flavor import Flavor, load_flavor, rtx_runs_on
@@ -125,17 +125,21 @@ def test_layer_report_reader():
     assert fused_attention_nodes(layers_from_log(["no report"]), ["attention_0"]) == []
 
 
-def test_comparator_tolerances():
+def test_comparator_tolerances_for_engine_outputs():
+    """What the engine comparison relies on: graphc.compare's per-precision tolerances, and
+    integer outputs compared exactly."""
     import ml_dtypes
+
+    def ok(actual, dtype="float32"):
+        return {d.name: d.ok for d in compare_results(["ort", "trt"], [ref, actual], dtype=dtype).diffs}
 
     ref = {"x": np.linspace(1, 2, 100, dtype=np.float32), "ids": np.arange(3)}
     close = {"x": ref["x"] * (1 + 5e-5), "ids": np.arange(3)}
     bf16ish = {"x": ref["x"].astype(ml_dtypes.bfloat16).astype(np.float32) * (1 + 5e-3), "ids": np.arange(3)}
-    assert all(ok for *_, ok in compare(close, ref).values())
-    assert not compare(bf16ish, ref)["x"][2]                          # FP32 tolerance: too far
-    assert compare(bf16ish, ref, compute_dtype="bfloat16")["x"][2]    # BF16 tolerance: fine
-    assert not compare({"x": ref["x"] * np.nan, "ids": np.arange(1, 4)}, ref)["ids"][2]
-    assert not compare({"x": ref["x"] * np.nan}, ref)["x"][2]
+    assert ok(close) == {"x": True, "ids": True}
+    assert not ok(bf16ish)["x"]                       # FP32 tolerance: too far
+    assert ok(bf16ish, "bfloat16")["x"]               # BF16 tolerance: fine
+    assert ok({"x": ref["x"] * np.nan, "ids": np.arange(1, 4)}) == {"x": False, "ids": False}
 
 
 def test_runtime_tables():

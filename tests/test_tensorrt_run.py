@@ -9,7 +9,7 @@ backend's own reason; they are the check for the day a machine can run engines.
 import numpy as np
 import pytest
 
-from graphc.backends.compare import compare
+from graphc.compare import compare_results
 from graphc.backends.tensorrt import TensorRTBackend
 from graphc.models.config import GPT2Config
 from graphc.models.init import random_init
@@ -50,8 +50,9 @@ def test_engine_matches_onnxruntime(mode, precision):
     backend = TensorRTBackend(max_batch=4, max_seq=64)
     prepared = backend.prepare(model)
     got = prepared.run(_feeds(model, params, 2, 16))
-    result = compare(got, reference, compute_dtype="bfloat16" if precision == "bf16" else "float32")
-    assert result and all(ok for *_, ok in result.values()), result
+    result = compare_results(["onnxruntime", "tensorrt"], [reference, got],
+                             dtype="bfloat16" if precision == "bf16" else "float32")
+    assert result.diffs and result.ok, [d.line() for d in result.diffs]
     # the deserialized engine's inspector agrees with the builder's report on fused attention
     attention = [n.name for n in model.graph.node if n.op_type == "Attention"]
     fused = fused_attention_nodes(layers_from_inspector(backend.flavor, prepared.runner.engine), attention)
