@@ -20,14 +20,16 @@ from typing import Callable
 import numpy as np
 from onnx import helper
 
-OPS: dict[tuple[str, str], Callable] = {}
+from graphc.ops.registry import lowering_table, register_lowering
+
+OPS: dict[tuple[str, str], Callable] = lowering_table("reference")   # graphc.ops' registry of lowerings
 
 
 def op(*op_types: str, domain: str = ""):
     """Register ``fn`` for each ONNX ``op_type`` in ``domain``."""
     def register(fn):
         for t in op_types:
-            OPS[(domain, t)] = fn
+            register_lowering("reference", domain, t)(fn)
         return fn
     return register
 
@@ -59,7 +61,7 @@ for _name, _fn in {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Pow":
                    "Equal": np.equal, "Less": np.less, "LessOrEqual": np.less_equal,
                    "Greater": np.greater, "GreaterOrEqual": np.greater_equal,
                    "And": np.logical_and, "Or": np.logical_or, "Xor": np.logical_xor}.items():
-    OPS[("", _name)] = _binary(_fn)
+    op(_name)(_binary(_fn))
 
 for _name, _fn in {"Neg": np.negative, "Exp": np.exp, "Log": np.log, "Sqrt": np.sqrt, "Tanh": np.tanh,
                    "Abs": np.abs, "Not": np.logical_not, "Floor": np.floor, "Ceil": np.ceil,
@@ -69,7 +71,7 @@ for _name, _fn in {"Neg": np.negative, "Exp": np.exp, "Log": np.log, "Sqrt": np.
                    "Sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
                    "Erf": lambda x: np.vectorize(math.erf, otypes=[np.float64])(x) if x.size else x,
                    "Identity": lambda x: x}.items():
-    OPS[("", _name)] = _unary(_fn)
+    op(_name)(_unary(_fn))
 
 
 @op("Div")
@@ -79,10 +81,10 @@ def div(attrs, a, b):
     return a / b
 
 
-OPS[("", "Max")] = lambda attrs, *xs: _fold(np.maximum, xs)
-OPS[("", "Min")] = lambda attrs, *xs: _fold(np.minimum, xs)
-OPS[("", "Sum")] = lambda attrs, *xs: _fold(np.add, xs)
-OPS[("", "Mean")] = lambda attrs, *xs: _fold(np.add, xs) / len(xs)
+op("Max")(lambda attrs, *xs: _fold(np.maximum, xs))
+op("Min")(lambda attrs, *xs: _fold(np.minimum, xs))
+op("Sum")(lambda attrs, *xs: _fold(np.add, xs))
+op("Mean")(lambda attrs, *xs: _fold(np.add, xs) / len(xs))
 
 
 def _fold(fn, xs):
@@ -156,7 +158,7 @@ def _reduction(fn):
 
 for _name, _fn in {"ReduceSum": np.sum, "ReduceMean": np.mean, "ReduceProd": np.prod,
                    "ReduceMax": np.max, "ReduceMin": np.min}.items():
-    OPS[("", _name)] = _reduction(_fn)
+    op(_name)(_reduction(_fn))
 
 
 # ----------------------------------------------------------------------------- shapes and indexing

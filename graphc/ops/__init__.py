@@ -26,7 +26,7 @@ rule has an answer it raises, naming the node.
 
 from graphc.ops.registry import (  # noqa: F401 - the public interface
     LOWERINGS, OPS, OpDef, count_fused, ensure_functions, function, lowerings, make_node, op_def,
-    register_lowering, report_keys,
+    register_lowering, lowering_table, report_keys,
 )
 from graphc.ops import attention, layernorm, gelu, cross_entropy  # noqa: E402,F401 - define the ops, in report order
 

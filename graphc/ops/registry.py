@@ -92,6 +92,13 @@ def lowerings(backend: str) -> dict[Key, Any]:
     return LOWERINGS.get(backend, {})
 
 
+def lowering_table(backend: str) -> dict[Key, Any]:
+    """The (live) table a backend registers its lowerings into and looks them up in: the
+    backend's module keeps it as its own ``LOWER``/``OPS`` and fills it with
+    :func:`register_lowering`, so every backend's lowerings live in this one registry."""
+    return LOWERINGS.setdefault(backend, {})
+
+
 # ----------------------------------------------------------------------------- report keys
 def report_keys() -> list[str]:
     """Every fused op's report key, in definition order (forward, then its backward)."""

@@ -23,8 +23,9 @@ from graphc.backends.cuda.program import CallStep, KernelStep, MemsetStep, Progr
 from graphc.backends.cuda.tensor import Tensor, broadcast_strides, contiguous_strides
 from graphc.errors import GraphcError
 from graphc.ir.node import attr
+from graphc.ops.registry import lowering_table, register_lowering
 
-LOWER: dict[tuple[str, str], Callable] = {}
+LOWER: dict[tuple[str, str], Callable] = lowering_table("cuda")   # graphc.ops' registry of lowerings
 HOST_ONLY = {"Shape", "Constant", "ConstantOfShape", "Range", "Size"}
 
 try:
@@ -39,9 +40,10 @@ if bfloat16 is not None:
 
 
 def lowering(*keys):
+    """Register ``fn`` as the CUDA lowering of each key (an op type, or (domain, op type))."""
     def register(fn):
         for key in keys:
-            LOWER[key if isinstance(key, tuple) else ("", key)] = fn
+            register_lowering("cuda", *(key if isinstance(key, tuple) else ("", key)))(fn)
         return fn
     return register
 
@@ -387,8 +389,7 @@ def lower_elementwise(ctx, node):
     ctx.define(node.output[0], out)
 
 
-for _op in EXPR:
-    LOWER[_op if isinstance(_op, tuple) else ("", _op)] = lower_elementwise
+lowering(*EXPR)(lower_elementwise)
 
 
 @lowering("Sum")

@@ -17,16 +17,14 @@ import onnx
 
 from graphc.backends.base import Backend, Executable, Feed
 from graphc.backends.tensorrt.flavor import Flavor, load_flavor
+from graphc.ops.registry import lowering_table, register_lowering
 
-# graphc's local functions: TensorRT gets their reference bodies (legalize.py inlines them)
-LOWERINGS = {
-    ("graphc", "AttentionGrad"): "inlined",
-    ("graphc", "LayerNormGrad"): "inlined",
-    ("graphc", "GeluGrad"): "inlined",
-    ("graphc", "CrossEntropy"): "inlined",
-    ("graphc", "CrossEntropyGrad"): "inlined",
-    ("", "ScatterND"): "reduction=add as a one-hot GEMM (legalize.py)",
-}
+# What TensorRT's parser does not take itself, and how legalize.py makes it parseable; the
+# rest of the standard ops are the parser's own (_parser_supports).
+LOWERINGS = lowering_table("tensorrt")   # graphc.ops' registry of lowerings
+for _op in ("AttentionGrad", "LayerNormGrad", "GeluGrad", "CrossEntropy", "CrossEntropyGrad"):
+    register_lowering("tensorrt", "graphc", _op)("inlined: TensorRT gets the function's reference body")
+register_lowering("tensorrt", "", "ScatterND")("reduction=add as a one-hot GEMM (legalize.py)")
 
 
 def why_cannot_run(flavor: Flavor) -> str | None:
