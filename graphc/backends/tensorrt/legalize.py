@@ -1,6 +1,6 @@
 """TensorRT legalisation: graphc's graphs -> ONNX that TensorRT's parser accepts.
 
-Three rewrites, each keeping the graph's outputs exactly what onnxruntime computes before
+Three rewrites (the graph surgery through onnx-graphsurgeon), each keeping the graph's outputs exactly what onnxruntime computes before
 (``tests/test_tensorrt_legalize.py`` runs both on onnxruntime and compares):
 
 * **inline graphc's local functions** (``graphc.AttentionGrad``, ``LayerNormGrad``,
@@ -28,12 +28,16 @@ was already fused to ``Attention(..., attn_mask)`` by the ``infer:tensorrt`` pip
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnx.inliner
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
-from graphc.ir.builder import GraphBuilder
-from graphc.ir.node import attr, with_graph
+# graphc's commands print contracts on stdout: only real errors from onnx-graphsurgeon's logger
+G_LOGGER.severity = G_LOGGER.ERROR
 
 GRAPHC_DOMAIN = "graphc"
 # op type -> attributes TensorRT's ONNX parser rejects and whose absence keeps the semantics
@@ -79,85 +83,77 @@ def inline_graphc_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def drop_refused_attributes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Remove :data:`DROPPED_ATTRIBUTES` from the main graph's nodes; returns (model, count)."""
-    nodes, count = [], 0
-    for node in model.graph.node:
-        drop = DROPPED_ATTRIBUTES.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
-        if any(a.name in drop for a in node.attribute):
-            new = onnx.NodeProto()
-            new.CopyFrom(node)
-            del new.attribute[:]
-            new.attribute.extend(a for a in node.attribute if a.name not in drop)
-            node, count = new, count + 1
-        nodes.append(node)
-    return (with_graph(model, nodes=nodes), count) if count else (model, 0)
+    graph = gs.import_onnx(model)
+    count = 0
+    for node in graph.nodes:
+        for name in DROPPED_ATTRIBUTES.get(node.op, ()) if node.domain in (None, "", "ai.onnx") else ():
+            if node.attrs.pop(name, None) is not None:
+                count += 1
+    return (_export(graph, model), count) if count else (model, 0)
 
 
-def _static_shape(model: onnx.ModelProto, name: str) -> list | None:
-    """The shape of ``name`` (ints or dim_param strings) from graph IO / value_info."""
-    g = model.graph
-    for v in (*g.input, *g.value_info, *g.output):
-        if v.name == name and v.type.tensor_type.HasField("shape"):
-            return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                    for d in v.type.tensor_type.shape.dim]
-    return None
+def _export(graph: "gs.Graph", like: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` back to ONNX with ``like``'s IR version, opsets and metadata."""
+    out = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
+    out.ir_version = like.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    out.producer_name, out.producer_version = like.producer_name, like.producer_version
+    return out
 
 
-def _elem_type(model: onnx.ModelProto, name: str) -> int | None:
-    g = model.graph
-    for v in (*g.input, *g.value_info, *g.output):
-        if v.name == name:
-            return v.type.tensor_type.elem_type
-    for t in g.initializer:
-        if t.name == name:
-            return t.data_type
-    return None
+def _onnx_dtype(dtype) -> int:
+    """onnx-graphsurgeon's tensor dtype (a numpy dtype, or already ONNX's enum) as ONNX's enum."""
+    return dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-def _why_not_onehot(model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+def _why_not_onehot(node: "gs.Node") -> str | None:
     """None when the ScatterND-add can become a one-hot matmul, else the reason."""
-    data, indices = _static_shape(model, node.input[0]), _static_shape(model, node.input[1])
-    if data is None or indices is None:
+    data, indices, updates = node.inputs
+    if data.shape is None or indices.shape is None:
         return "unknown shapes (run shape inference first)"
-    if len(data) != 2:
-        return f"data has rank {len(data)}, the rewrite handles rank-2 tables"
-    if indices[-1] != 1:
-        return f"indices' last dim is {indices[-1]!r}, the rewrite handles 1 (whole rows)"
-    if _elem_type(model, node.input[2]) is None:
+    if len(data.shape) != 2:
+        return f"data has rank {len(data.shape)}, the rewrite handles rank-2 tables"
+    if indices.shape[-1] != 1:
+        return f"indices' last dim is {indices.shape[-1]!r}, the rewrite handles 1 (whole rows)"
+    if updates.dtype is None:
         return "unknown update dtype"
     return None
 
 
 def scatter_add_to_onehot_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace each row-scatter ``ScatterND(data[V, C], idx[..., 1], upd[..., C], add)``.
+    """Replace each row-scatter ``ScatterND(data[V, C], idx[..., 1], upd[..., C], add)``
+    (onnx-graphsurgeon: the node is cut out and the subgraph below put in its place).
 
     out = data + Gemm(onehot(idx)ᵀ, upd as [N, C]), onehot[n, v] = (idx[n] mod⁺ V == v)
     (negative indices count from the end, as ScatterND's do).
     """
-    targets = [n for n in model.graph.node if n.op_type == "ScatterND" and attr(n, "reduction", "none") == "add"]
-    if not targets:
-        return model, 0
-    b = GraphBuilder.wrap(model.graph)
-    new_nodes: list[onnx.NodeProto] = []
-    count = 0
-    for node in model.graph.node:
-        if node not in targets or _why_not_onehot(model, node) is not None:
-            new_nodes.append(node)
-            continue
-        data, indices, updates = node.input
-        b.nodes = []
-        with b.scope(node.name or "scatter_add"):
-            rows = b.Gather(b.Shape(data, name="table_shape"), b.i64(0), axis=0, name="rows")        # [1]
-            idx = b.Reshape(indices, b.i64(-1, 1), name="idx_col")                                   # [N, 1]
-            idx = b.Where(b.Less(idx, b.const(np.array(0, np.int64)), name="negative"),
-                          b.Add(idx, rows, name="wrapped"), idx, name="idx")                         # [N, 1]
-            zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
-            vocab = b.Range(zero, b.Squeeze(rows, b.i64(0), name="rows_scalar"), one, name="row_ids")  # [V]
-            onehot = b.Cast(b.Equal(idx, vocab, name="onehot_bool"), to=_elem_type(model, updates),
-                            name="onehot")                                                          # [N, V]
-            width = b.Shape(data, start=1, name="row_width")                                         # [1] = [C]
-            upd = b.Reshape(updates, b.Concat(b.i64(-1), width, axis=0, name="upd_shape"), name="upd_2d")  # [N, C]
-            rows_sum = b.Gemm(onehot, upd, transA=1, name="rows_sum")                                # [V, C]
-            b.op("Add", data, rows_sum, outputs=[node.output[0]], name="scatter_add")
-        new_nodes.extend(b.nodes)
-        count += 1
-    return with_graph(model, nodes=new_nodes, initializers=b.initializers), count
+    graph = gs.import_onnx(model)
+    fresh = itertools.count()
+    targets = [n for n in graph.nodes if n.op == "ScatterND" and n.attrs.get("reduction", "none") == "add"
+               and _why_not_onehot(n) is None]
+    for node in targets:
+        data, indices, updates = node.inputs
+        out = node.outputs[0]
+        node.outputs.clear()                      # detached: cleanup() removes it
+        p = f"{node.name or 'scatter_add'}/"
+
+        def op(op_type, inputs, **attrs):
+            name = f"{p}{op_type.lower()}_{next(fresh)}"
+            return graph.layer(op=op_type, name=name, inputs=inputs, outputs=[gs.Variable(f"{name}_out")],
+                               attrs=attrs)[0]
+
+        def const(value):
+            return gs.Constant(f"{p}const_{next(fresh)}", np.asarray(value, np.int64))
+
+        shape = op("Shape", [data])
+        rows = op("Gather", [shape, const([0])], axis=0)                                    # [1] = [V]
+        idx = op("Reshape", [indices, const([-1, 1])])                                      # [N, 1]
+        wrapped = op("Where", [op("Less", [idx, const(0)]), op("Add", [idx, rows]), idx])   # [N, 1]
+        row_ids = op("Range", [const(0), op("Squeeze", [rows, const([0])]), const(1)])      # [V]
+        onehot = op("Cast", [op("Equal", [wrapped, row_ids])], to=_onnx_dtype(updates.dtype))            # [N, V]
+        width = op("Shape", [data], start=1)                                                # [1] = [C]
+        upd = op("Reshape", [updates, op("Concat", [const([-1]), width], axis=0)])          # [N, C]
+        rows_sum = op("Gemm", [onehot, upd], transA=1)                                      # [V, C]
+        graph.layer(op="Add", name=f"{p}scatter_add", inputs=[data, rows_sum], outputs=[out])
+    return (_export(graph, model), len(targets)) if targets else (model, 0)
