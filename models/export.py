@@ -106,7 +106,7 @@ def to_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     return optimized
 
 
-FUSION_OPSET = {"fuse_layernorm": 17, "fuse_gelu": 20, "fuse_attention": 23}
+FUSION_OPSET = {"fuse_layernorm": 17, "fuse_gelu": 20, "fuse_attention": 23, "fuse_masked_attention": 23}
 """Each export fusion and the opset that made its op standard: LayerNormalization (17),
 Gelu with ``approximate="tanh"`` (20), Attention (23). Below that opset the pattern stays
 in primitive ops."""
@@ -122,7 +122,9 @@ def fuse_for_export(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     from graphc.passes.manager import PassManager
     from graphc.passes.pipelines import PIPELINES, make_passes
 
-    names = [n for n in PIPELINES["infer"] if FUSION_OPSET.get(n, 0) <= opset]
+    infer = PIPELINES["infer"]
+    at = infer.index("fuse_attention") + 1       # the KV-cache export's padding/past mask: Attention(attn_mask)
+    names = [n for n in infer[:at] + ["fuse_masked_attention"] + infer[at:] if FUSION_OPSET.get(n, 0) <= opset]
     fused, _ = PassManager(make_passes(names), name=f"export (opset {opset})").run(model)
     return fused
 

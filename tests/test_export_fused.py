@@ -75,3 +75,24 @@ def test_onnxruntime_transformer_optimizer_runs_on_the_export(tmp_path, ids):
 def test_version_parsing():
     assert parse("1.25.0") == (1, 25, 0) and parse("1.25.0rc1") == (1, 25, 0) and parse("1.3.dev0") == (1, 3)
     assert parse("1.24.9") < (1, 25) <= parse("1.25")
+
+
+def test_kv_cache_export_fuses_attention_under_its_mask(tmp_path):
+    """The decoder-with-past's attention (past ++ new keys, padding mask) is one ONNX
+    Attention with attn_mask, and computes what the primitive form does, padding included."""
+    fused, fmodel = _export(tmp_path, "--kv-cache")
+    primitive, pmodel = _export(tmp_path, "--kv-cache", "--primitive-ops")
+    assert _ops(fmodel)["Attention"] == L and "Softmax" not in _ops(fmodel)
+    assert _ops(pmodel)["Attention"] == 0
+    rng = np.random.default_rng(1)
+    B, P, S, H, D = 2, 5, 3, 2, 8
+    feeds = {"input_ids": rng.integers(0, 50257, (B, S), dtype=np.int64),
+             "attention_mask": np.ones((B, P + S), np.int64),
+             "position_ids": np.tile(np.arange(P, P + S, dtype=np.int64), (B, 1))}
+    feeds["attention_mask"][1, :2] = 0                      # a left-padded second sequence
+    for i in range(L):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal((B, H, P, D)).astype(np.float32)
+    run = lambda path: ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    for a, b in zip(run(fused), run(primitive)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
