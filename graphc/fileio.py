@@ -79,20 +79,13 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     A SIGKILL during a write leaves ``.NAME.XXXX.tmp`` (never a half-written NAME); the next
     run in the same folder removes them so they do not pile up.
     """
-    import shutil
-
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))]:
         for leftover in sub.glob(TEMPORARY_GLOB):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
-            removed.append(leftover)
+            removed.append(_remove(leftover))
     return removed
 
 
@@ -102,17 +95,23 @@ def remove_leftovers_of(*paths: str | os.PathLike) -> list[Path]:
     Unlike :func:`remove_leftovers` this touches only names graphc's writers give these
     outputs, so it is safe in any folder (a home directory, say)."""
     import glob
-    import shutil
 
     removed = []
     for path in map(Path, paths):
         if not path.parent.is_dir():
             continue
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
-            removed.append(leftover)
+            removed.append(_remove(leftover))
     return removed
+
+
+def _remove(leftover: Path) -> Path:
+    """Delete a leftover temporary (a file, or a checkpoint folder); returns it."""
+    import shutil
+
+    if leftover.is_dir() and not leftover.is_symlink():
+        shutil.rmtree(leftover, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    return leftover
