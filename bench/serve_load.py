@@ -42,11 +42,18 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{match.group(1)}"
 
 
-def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int, deadline: float):
-    """(first-token seconds, [gaps between tokens], tokens) of one streaming request."""
+def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int, deadline: float,
+                stream: bool = True):
+    """(first-token seconds, [gaps between tokens], tokens) of one request (non-streaming: the
+    whole answer's time as its first token, no gaps)."""
     t0 = time.perf_counter()
     stamps = []
-    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if not stream:
+        r = http.post(url + "/v1/completions", json=body, timeout=max(deadline - t0, 1))
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:500]}")
+        return time.perf_counter() - t0, [], r.json()["usage"]["completion_tokens"]
     with http.stream("POST", url + "/v1/completions", json=body, timeout=max(deadline - t0, 1)) as r:
         if r.is_error:   # the server's one-line error says why (the status alone does not)
             raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:500]}")
@@ -70,7 +77,7 @@ def level(url: str, clients: int, args) -> dict:
                 if time.perf_counter() > deadline:
                     break
                 prompt = [int(t) for t in rng.integers(1, 50000, args.prompt_tokens)]
-                res = one_request(http, url, prompt, args.max_tokens, deadline)
+                res = one_request(http, url, prompt, args.max_tokens, deadline, not args.no_stream)
                 if res is not None:
                     out.append(res)
         return out
@@ -119,6 +126,8 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--level-timeout", type=float, default=300.0, help="seconds per level at most")
     p.add_argument("--raw", action="store_true", help="also time the raw batched decode program")
+    p.add_argument("--no-stream", action="store_true",
+                   help="non-streaming requests (TTFT is then the whole answer's time; no TPOT)")
     args = p.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     proc, url = start_server(args)
@@ -130,7 +139,8 @@ def main() -> int:
         proc.terminate()
         proc.wait(30)
     print(f"\ngraphc serve, {args.model}, backend {args.backend} {args.precision}, greedy, {args.prompt_tokens}-token "
-          f"prompts, {args.max_tokens} tokens each, streaming; cpu threads {os.cpu_count()}")
+          f"prompts, {args.max_tokens} tokens each, {'non-streaming' if args.no_stream else 'streaming'}; "
+          f"cpu threads {os.cpu_count()}")
     print("| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
