@@ -165,6 +165,33 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def place(buffers: Mapping, alignment: int = 1) -> tuple[dict, int]:
+    """Offsets in one arena for ``buffers`` (key -> (bytes, first step, last step), steps
+    inclusive): greedy best-fit by size -- largest first, each into the smallest gap between
+    the buffers already placed whose lifetimes overlap its own, else on top. Returns
+    (offsets, arena size). The one placement both the graph planner (:func:`plan`) and the
+    CUDA backend's arena use."""
+    placed: list[tuple[int, int, int, int]] = []       # (offset, size, start, end)
+    offsets: dict = {}
+    for key in sorted(buffers, key=lambda k: (-buffers[k][0], buffers[k][1], str(k))):
+        size, s0, s1 = buffers[key]
+        size = _align(size, alignment)
+        if size == 0:
+            offsets[key] = 0
+            continue
+        busy = sorted((o, o + sz) for o, sz, a, b in placed if a <= s1 and s0 <= b)
+        best, best_gap, cursor = None, None, 0
+        for lo, hi in busy:
+            gap = lo - cursor
+            if gap >= size and (best_gap is None or gap < best_gap):
+                best, best_gap = cursor, gap
+            cursor = max(cursor, hi)
+        offset = best if best is not None else cursor
+        offsets[key] = offset
+        placed.append((offset, size, s0, s1))
+    return offsets, max((o + sz for o, sz, _, _ in placed), default=0)
+
+
 def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str, int], *,
          inplace: bool = True, alignment: int = 1) -> MemoryPlan:
     """Plan the arena for ``graph`` executed in ``order`` with ``sizes`` (bytes per value)."""
@@ -288,24 +315,7 @@ def plan(graph: onnx.GraphProto, order: Sequence[int] | None, sizes: Mapping[str
     buf_iv = {r: (min(intervals[v][0] for v in vs), max(intervals[v][1] for v in vs)) for r, vs in groups.items()}
 
     # -- greedy best-fit by size
-    placed: list[tuple[int, int, int, int]] = []       # (offset, size, start, end)
-    offsets: dict[str, int] = {}
-    for r in sorted(groups, key=lambda r: (-buf_size[r], buf_iv[r][0], r)):
-        size, (s0, s1) = buf_size[r], buf_iv[r]
-        if size == 0:
-            offsets[r] = 0
-            continue
-        busy = sorted((o, o + sz) for o, sz, a, b in placed if a <= s1 and s0 <= b)
-        best, best_gap, cursor = None, None, 0
-        for lo, hi in busy:
-            gap = lo - cursor
-            if gap >= size and (best_gap is None or gap < best_gap):
-                best, best_gap = cursor, gap
-            cursor = max(cursor, hi)
-        offset = best if best is not None else cursor
-        offsets[r] = offset
-        placed.append((offset, size, s0, s1))
-    peak = max((o + s for o, s, _, _ in placed), default=0)
+    offsets, peak = place({r: (buf_size[r], *buf_iv[r]) for r in groups})
 
     # naive: every value a node writes (except graph outputs) in its own allocation
     naive = int(sum(sizes[v] for v in first if v not in outputs and v in sizes))

@@ -173,8 +173,10 @@ def lifetimes(program: "Program") -> dict[int, tuple[int, int]]:
 
 def plan_memory(program: "Program", storages: list, reuse: bool) -> int:
     """Byte offsets for ``storages``; returns the arena size. Activations and scratch whose
-    step intervals do not overlap share memory (greedy by size, lowest fitting offset, as
-    TFLite's planner); inputs, outputs, constants, gradients and optimizer state never do."""
+    step intervals do not overlap share memory (greedy best-fit by size: the
+    graph planner's :func:`graphc.passes.memory_plan.place`); inputs, outputs, constants,
+    gradients and optimizer state never do."""
+    from graphc.passes.memory_plan import place
     from graphc.runtime.cuda.driver import align
 
     pinned = {t.storage.id for t in list(program.inputs.values()) + list(program.outputs.values())}
@@ -191,20 +193,9 @@ def plan_memory(program: "Program", storages: list, reuse: bool) -> int:
         s.offset = offset
         offset += align(s.nbytes)
     base = offset
-    placed: list = []  # (start, end, first, last)
-    top = 0
-    for s in sorted(shared, key=lambda s: (-s.nbytes, s.id)):
-        first, last = spans[s.id]
-        size = align(s.nbytes)
-        busy = sorted((a, b) for a, b, f, l in placed if not (l < first or last < f))
-        at = 0
-        for a, b in busy:
-            if at + size <= a:
-                break
-            at = max(at, b)
-        s.offset = base + at
-        placed.append((at, at + size, first, last))
-        top = max(top, at + size)
+    offsets, top = place({s.id: (align(s.nbytes), *spans[s.id]) for s in shared})
+    for s in shared:
+        s.offset = base + offsets[s.id]
     return base + top
 
 
