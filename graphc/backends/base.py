@@ -62,8 +62,6 @@ class Executable(abc.ABC):
         """Run once; ``outputs`` may name buffers to write results into (returned as given)."""
 
 
-Prepared = Executable  # the name used before the seam was redrawn
-
 
 class Backend(abc.ABC):
     name: str = "?"

@@ -99,7 +99,7 @@ class TensorRTBackend(Backend):
         (major, minor), _ = gpu_capability()
         return f"sm_{major}{minor}"
 
-    def prepare(self, model: onnx.ModelProto) -> "TensorRTPrepared":
+    def prepare(self, model: onnx.ModelProto) -> "TensorRTExecutable":
         """Build (or load from the engine cache) the engine of ``model`` and load it on the GPU."""
         from graphc.backends.tensorrt.builder import build_engine
         from graphc.backends.tensorrt.cache import EngineKey, graph_hash
@@ -117,7 +117,7 @@ class TensorRTBackend(Backend):
             plan = built.plan
             self.cache.store(key, plan, {"layers": built.num_layers, "attention": len(built.attention_nodes),
                                          "attention_fused": len(built.fused_attention), "seconds": built.seconds})
-        return TensorRTPrepared(EngineRunner(self.flavor, plan))
+        return TensorRTExecutable(EngineRunner(self.flavor, plan))
 
 
 def graph_precision(model: onnx.ModelProto) -> str:
@@ -131,7 +131,7 @@ def graph_precision(model: onnx.ModelProto) -> str:
                          for n in g.node) else "fp32"
 
 
-class TensorRTPrepared(Executable):
+class TensorRTExecutable(Executable):
     """An engine loaded on the GPU; inputs and outputs may be host arrays or device buffers."""
 
     def __init__(self, runner):
