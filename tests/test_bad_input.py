@@ -159,6 +159,8 @@ PREPARE = ["prepare", "--input", "{ws}/text.txt"]
 COMPILE = ["compile", "--model", MODEL, "--mode", "infer"]
 VALIDATE = ["validate", "--model", "{ws}/model.bin", "--state"]
 COMPARE = ["compare", "--model", MODEL, "--mode", "infer", "--backends"]
+SERVE = ["serve", "--model", MODEL, "--port", "0"]          # every row fails before it listens
+ENGINE = ["engine", "--model", MODEL, "--out", "e.plan"]
 
 CASES: list[Case] = [
     # ------------------------------------------------------------------ the command line itself
@@ -411,6 +413,23 @@ CASES: list[Case] = [
     Case("compare-bad-precision", [*COMPARE, "onnxruntime,reference", "--precision", "fp8"], "invalid choice: 'fp8'"),
     Case("compare-t-too-long", [*COMPARE, "onnxruntime,reference", "-t", "4096"], "-t: sequence length 4096"),
     Case("compare-b-zero", [*COMPARE, "onnxruntime,reference", "-b", "0"], "-b: must be >= 1"),
+    # ------------------------------------------------------------------ serve
+    Case("serve-port-out-of-range", ["serve", "--model", MODEL, "--port", "70000"], "--port: must be 0..65535"),
+    Case("serve-model-missing", ["serve", "--model", "none.bin", "--port", "0"], "none.bin: --model: no such file"),
+    Case("serve-context-too-long", [*SERVE, "--context", "5000"], "--context: 5000 exceeds the model's maximum"),
+    Case("serve-max-batch-zero", [*SERVE, "--max-batch", "0"], "--max-batch: must be >= 1"),
+    Case("serve-max-queue-text", [*SERVE, "--max-queue", "many"], "--max-queue: must be an integer"),
+    Case("serve-backend-unknown", [*SERVE, "--backend", "tpu"], "--backend: invalid choice: 'tpu'"),
+    Case("serve-backend-unusable", [*SERVE, "--backend", "cuda"], "cuda: --backend: backend is not available here"),
+    Case("serve-precision-unknown", [*SERVE, "--precision", "int8"], "--precision: invalid choice: 'int8'"),
+    # ------------------------------------------------------------------ engine
+    Case("engine-out-is-a-folder", ["engine", "--model", MODEL, "--out", "{ws}"], "--out"),
+    Case("engine-max-seq-too-long", [*ENGINE, "--max-seq", "4096"], "--max-seq"),
+    Case("engine-max-batch-zero", [*ENGINE, "--max-batch", "0"], "--max-batch: must be >= 1"),
+    Case("engine-mode-unknown", [*ENGINE, "--mode", "serve"], "--mode: invalid choice: 'serve'"),
+    Case("engine-precision-unknown", [*ENGINE, "--precision", "fp16"], "--precision: invalid choice: 'fp16'"),
+    Case("engine-flavor-missing", [*ENGINE, "--trt-flavor", "tensorrt"], "--trt-flavor"),
+    Case("engine-model-missing", ["engine", "--model", "none.bin", "--out", "e.plan"], "none.bin: --model"),
 ]
 
 
