@@ -7,10 +7,8 @@ REPO=$PWD
 export PYTHONUNBUFFERED=1 GRAPHC_KERNEL_CACHE=/tmp/graphc-kernels GRAPHC_TOKENIZER_DIR=$PWD/data/gpt2
 # fresh folders of this run's own: a warm machine may hold another checkout's install (pip
 # --target keeps what is there) and tests
-SITE=$(mktemp -d /tmp/site-XXXX) TESTS=$(mktemp -d /tmp/gtests-XXXX)
-python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .whl/*.whl || exit 1
-python3 -m pip install -q --no-deps --no-index --no-build-isolation --target $SITE . || exit 1
-export PYTHONPATH=$SITE
+TESTS=$(mktemp -d /tmp/gtests-XXXX)
+source bench/device_env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 cp -r "$REPO/tests/." $TESTS/ && cd $TESTS
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -p no:cacheprovider -m gpu -q -s -rA test_cuda_decode.py \

@@ -6,9 +6,7 @@ set -o pipefail
 REPO=$PWD
 export PYTHONUNBUFFERED=1 GRAPHC_GPU_DATA=$PWD/data GRAPHC_KERNEL_CACHE=/tmp/graphc-kernels
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/site . || exit 1
-export PYTHONPATH=/tmp/site
+source bench/device_env.sh || exit 1
 nvidia-smi topo -m 2>&1 | head -5 | tee $OUT/topo.log
 python3 -c "import nccl.core, nccl.bindings.nccl as b; print('nccl4py', nccl.core.__version__, 'NCCL', b.get_version())" 2>&1 | tee -a $OUT/topo.log
 which mpirun | tee -a $OUT/topo.log

@@ -6,9 +6,7 @@
 set -o pipefail
 REPO=$PWD
 export PYTHONUNBUFFERED=1 GRAPHC_GPU_DATA=$PWD/data GRAPHC_KERNEL_CACHE=/tmp/graphc-kernels
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/site . || exit 1
-export PYTHONPATH=/tmp/site
+source bench/device_env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 rm -rf /tmp/gtests && cp -r "$REPO/tests" /tmp/gtests && cp "$REPO/pyproject.toml" /tmp/ && cd /tmp
 timeout ${TEST_TIMEOUT:-330} python3 -m pytest -p no:cacheprovider -m gpu -q -s -rA gtests/test_cuda_scale_gpu.py 2>&1 | tee $OUT/tests.log
