@@ -30,9 +30,14 @@ LINE = re.compile(r"^serving \S+ on http://127\.0\.0\.1:(\d+) ")
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "graphc", "serve", "--model", args.model, "--port", "0", "--backend", args.backend,
+    if args.fake_decoder_ms is not None:   # the simulated GPU step: host overhead only
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_decoder.py"),
+               "--step-ms", str(args.fake_decoder_ms), "--max-batch", str(max(args.concurrency)),
+               "--context", str(args.prompt_tokens + args.max_tokens)]
+    else:
+        cmd = [sys.executable, "-m", "graphc", "serve", "--model", args.model, "--port", "0", "--backend", args.backend,
            "--precision", args.precision, "--max-batch", str(max(args.concurrency)), "--max-queue", "1024",
-           "--served-model-name", "m", "--context", str(args.prompt_tokens + args.max_tokens)]
+               "--served-model-name", "m", "--context", str(args.prompt_tokens + args.max_tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = LINE.match(line)
@@ -96,6 +101,10 @@ def level(url: str, clients: int, args) -> dict:
 
 def raw_decode(args, batch: int) -> float:
     """tokens/s of the batched decode program alone at ``batch`` live sequences."""
+    if args.fake_decoder_ms is not None:
+        from fake_decoder import raw_tokens_per_s
+
+        return raw_tokens_per_s(args.fake_decoder_ms, batch, args.prompt_tokens, args.max_tokens)
     from graphc.backends import get_backend
     from graphc.models.load import load_model
     from graphc.runtime.decode import DecodeSpec
@@ -128,24 +137,37 @@ def main() -> int:
     p.add_argument("--raw", action="store_true", help="also time the raw batched decode program")
     p.add_argument("--no-stream", action="store_true",
                    help="non-streaming requests (TTFT is then the whole answer's time; no TPOT)")
+    p.add_argument("--fake-decoder-ms", type=float, default=None,
+                   help="serve bench/fake_decoder.py (a simulated step of this many ms) instead of a model: "
+                        "the server's host overhead alone")
+    p.add_argument("--repeats", type=int, default=1, help="run each level this many times (tokens/s: median, range)")
     args = p.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     proc, url = start_server(args)
     rows = []
     try:
         for clients in args.concurrency:
-            rows.append(level(url, clients, args))
+            runs = [level(url, clients, args) for _ in range(args.repeats)]
+            row = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+            row["tok_s_range"] = (min(r["tok_s"] for r in runs), max(r["tok_s"] for r in runs))
+            rows.append(row)
     finally:
         proc.terminate()
         proc.wait(30)
-    print(f"\ngraphc serve, {args.model}, backend {args.backend} {args.precision}, greedy, {args.prompt_tokens}-token "
+    model = "fake decoder" if args.fake_decoder_ms is not None else f"{args.model}, backend {args.backend} {args.precision}"
+    print(f"\ngraphc serve, {model}, greedy, {args.prompt_tokens}-token "
           f"prompts, {args.max_tokens} tokens each, {'non-streaming' if args.no_stream else 'streaming'}; "
           f"cpu threads {os.cpu_count()}")
+    if args.fake_decoder_ms is not None:
+        print(f"simulated decoder: {args.fake_decoder_ms} ms per step (bench/fake_decoder.py), "
+              f"{args.repeats} run(s) per level: tokens/s median (min..max)")
     print("| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | "
-              f"{r['tpot_p50']:.1f} | {r['tpot_p99']:.1f} |")
+        lo, hi = r["tok_s_range"]
+        spread = f" ({lo:.0f}..{hi:.0f})" if args.repeats > 1 else ""
+        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f}{spread} | {r['ttft_p50']:.1f} | "
+              f"{r['ttft_p99']:.1f} | {r['tpot_p50']:.1f} | {r['tpot_p99']:.1f} |")
     if args.raw:
         for clients in args.concurrency:
             if clients > 1:
