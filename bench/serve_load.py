@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -72,25 +73,37 @@ def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int
 
 
 def level(url: str, clients: int, args) -> dict:
-    deadline = time.perf_counter() + args.level_timeout
+    """One concurrency level. The HTTP clients, their connections and the prompts are made
+    before the clock starts (an httpx.Client costs milliseconds of CPU to create, which on
+    2 cores would be charged to the server)."""
     rng = np.random.default_rng(clients)
+    prompts = [[[int(t) for t in rng.integers(1, 50000, args.prompt_tokens)] for _ in range(args.requests)]
+               for _ in range(clients)]
+    https = [httpx.Client() for _ in range(clients)]
+    for http in https:   # connect (one cheap request each), outside the timing
+        http.get(url + "/health", timeout=30)
+    start = threading.Barrier(clients + 1)
+    deadline = time.perf_counter() + args.level_timeout
 
     def client(i: int):
         out = []
-        with httpx.Client() as http:
-            for _ in range(args.requests):
-                if time.perf_counter() > deadline:
-                    break
-                prompt = [int(t) for t in rng.integers(1, 50000, args.prompt_tokens)]
-                res = one_request(http, url, prompt, args.max_tokens, deadline, not args.no_stream)
-                if res is not None:
-                    out.append(res)
+        start.wait()
+        for prompt in prompts[i]:
+            if time.perf_counter() > deadline:
+                break
+            res = one_request(https[i], url, prompt, args.max_tokens, deadline, not args.no_stream)
+            if res is not None:
+                out.append(res)
         return out
 
-    t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(client, range(clients)) for r in rs]
-    seconds = time.perf_counter() - t0
+        futures = [pool.submit(client, i) for i in range(clients)]
+        start.wait()
+        t0 = time.perf_counter()
+        results = [r for f in futures for r in f.result()]
+        seconds = time.perf_counter() - t0
+    for http in https:
+        http.close()
     ttft = [r[0] for r in results]
     gaps = [g for r in results for g in r[1]]
     tokens = sum(r[2] for r in results)

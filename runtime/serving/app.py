@@ -216,7 +216,7 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
         """Start every choice; yields (index, ChoiceText) as each changes (streaming) or as each
         finishes (non-streaming); cancels all on exit.
 
-        The engine's tokens arrive through :func:`dispatch` (one callback per step, on this
+        The engine's tokens arrive through :class:`_HandOff` (one callback per step, on this
         loop) into each job's ``emit``, which updates its ChoiceText directly and wakes this
         generator only when there is something to yield."""
         loop = asyncio.get_running_loop()
@@ -236,7 +236,7 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
             choices.append(choice)
         pending = 0                              # choices still generating (set once all are submitted)
 
-        def emit(sampled, finish, index):        # on this loop, from dispatch
+        def emit(sampled, finish, index):        # on this loop, from the engine's per-step hand-off
             nonlocal pending
             choice = choices[index]
             if choice.finish is not None:
