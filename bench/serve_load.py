@@ -7,9 +7,15 @@ level runs that many clients, each sending a bounded number of streaming request
 (``--requests`` per client, ``--max-tokens`` each, greedy, a prompt of ``--prompt-tokens``);
 every loop is bounded in count and time and the server is stopped at the end. Prints one
 table: generated tokens/s over the whole level, and time to first token / time per output
-token (the gaps between streamed tokens) at p50 and p99. ``--raw`` adds the raw batched
+token (per request: (last token - first) / (tokens - 1)) at p50 and p99. ``--raw`` adds the raw batched
 decode program (``Decoder.step`` at the same batch, in this process, no HTTP) for the
 comparison the serving issue asks for (server tokens/s within 15% of it at 32 clients).
+It also prints the server process's CPU time per generated token and the cores the server
+and the clients (this process) kept busy: on a machine of few cores the clients compete
+with the server, and CPU per token is the host overhead that does not depend on that.
+
+``--fake-decoder-ms 0.85`` serves ``bench/fake_decoder.py`` (a simulated GPU step that holds
+no CPU and no GIL) instead of a model: the server's host overhead without a GPU.
 """
 
 from __future__ import annotations
@@ -50,11 +56,17 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int, deadline: float,
                 stream: bool = True):
-    """(first-token seconds, [gaps between tokens], tokens) of one request (non-streaming: the
-    whole answer's time as its first token, no gaps)."""
+    """(first-token seconds, [time per output token], tokens) of one request. Streaming: the
+    tokens are the usage the server reports (an event can carry several tokens when the
+    client reads slower than the model steps), TPOT = (last event - first) / (tokens - 1), as
+    vLLM's benchmark defines it. Non-streaming: the whole answer's time as its first token,
+    no TPOT."""
     t0 = time.perf_counter()
     stamps = []
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    tokens = 0
     if not stream:
         r = http.post(url + "/v1/completions", json=body, timeout=max(deadline - t0, 1))
         if r.status_code != 200:
@@ -65,14 +77,26 @@ def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int
             raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:500]}")
         for line in r.iter_lines():
             if line.startswith("data: {"):
-                if json.loads(line[6:])["choices"]:
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
                     stamps.append(time.perf_counter())
-    if not stamps:
+                elif chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    if not stamps or not tokens:
         return None
-    return stamps[0] - t0, list(np.diff(stamps)), len(stamps)
+    return stamps[0] - t0, ([(stamps[-1] - stamps[0]) / (tokens - 1)] if tokens > 1 else []), tokens
 
 
-def level(url: str, clients: int, args) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def level(url: str, clients: int, args, server_pid: int) -> dict:
     """One concurrency level. The HTTP clients, their connections and the prompts are made
     before the clock starts (an httpx.Client costs milliseconds of CPU to create, which on
     2 cores would be charged to the server)."""
@@ -99,9 +123,10 @@ def level(url: str, clients: int, args) -> dict:
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client, i) for i in range(clients)]
         start.wait()
-        t0 = time.perf_counter()
+        t0, cpu0, own0 = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
         results = [r for f in futures for r in f.result()]
         seconds = time.perf_counter() - t0
+        server_cpu, client_cpu = cpu_seconds(server_pid) - cpu0, time.process_time() - own0
     for http in https:
         http.close()
     ttft = [r[0] for r in results]
@@ -109,6 +134,8 @@ def level(url: str, clients: int, args) -> dict:
     tokens = sum(r[2] for r in results)
     pct = lambda xs, q: float(np.percentile(xs, q) * 1000) if xs else float("nan")  # noqa: E731
     return {"clients": clients, "requests": len(results), "tok_s": tokens / seconds,
+            "server_us": server_cpu / tokens * 1e6, "server_cores": server_cpu / seconds,
+            "client_cores": client_cpu / seconds,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(gaps, 50), "tpot_p99": pct(gaps, 99)}
 
 
@@ -160,7 +187,7 @@ def main() -> int:
     rows = []
     try:
         for clients in args.concurrency:
-            runs = [level(url, clients, args) for _ in range(args.repeats)]
+            runs = [level(url, clients, args, proc.pid) for _ in range(args.repeats)]
             row = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
             row["tok_s_range"] = (min(r["tok_s"] for r in runs), max(r["tok_s"] for r in runs))
             rows.append(row)
@@ -174,13 +201,15 @@ def main() -> int:
     if args.fake_decoder_ms is not None:
         print(f"simulated decoder: {args.fake_decoder_ms} ms per step (bench/fake_decoder.py), "
               f"{args.repeats} run(s) per level: tokens/s median (min..max)")
-    print("| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
+          "| server CPU µs/token | server cores | client cores |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         lo, hi = r["tok_s_range"]
         spread = f" ({lo:.0f}..{hi:.0f})" if args.repeats > 1 else ""
         print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f}{spread} | {r['ttft_p50']:.1f} | "
-              f"{r['ttft_p99']:.1f} | {r['tpot_p50']:.1f} | {r['tpot_p99']:.1f} |")
+              f"{r['ttft_p99']:.1f} | {r['tpot_p50']:.1f} | {r['tpot_p99']:.1f} | {r['server_us']:.1f} | "
+              f"{r['server_cores']:.2f} | {r['client_cores']:.2f} |")
     if args.raw:
         for clients in args.concurrency:
             if clients > 1:
