@@ -5,7 +5,7 @@ the GIL for a fixed time (``time.sleep``), as a CUDA-graph decode step does whil
 waits for the device, and returns deterministic tokens (never end-of-text, so every request
 runs to ``max_tokens``). Everything the server does around the step (the engine loop, the
 hand-off to asyncio, detokenizing, JSON, HTTP) is the real code, so the server's tokens/s
-against :func:`raw_tokens_per_s` is the host overhead alone. CPU-side measurement only: the
+against this decoder's raw steps (``serve_load.py --raw``) is the host overhead alone. CPU-side measurement only: the
 real CUDA decoder also has its own host work per step (sampling, copies).
 
     python bench/fake_decoder.py --step-ms 0.85 --max-batch 32 --port 0
@@ -73,19 +73,6 @@ class FakeDecoder(Decoder):
 
     def length(self, slot: int) -> int:
         return self.lengths[slot]
-
-
-def raw_tokens_per_s(step_ms: float, batch: int, prompt_tokens: int, max_tokens: int) -> float:
-    """tokens/s of ``FakeDecoder.step`` alone at ``batch`` live sequences (the baseline)."""
-    dec = FakeDecoder(batch, prompt_tokens + max_tokens, step_ms / 1000)
-    for i in range(batch):
-        dec.add(list(range(1 + i, 1 + i + prompt_tokens)), None)
-    steps = max_tokens - 2
-    dec.step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        dec.step()
-    return batch * steps / (time.perf_counter() - t0)
 
 
 def main() -> int:

@@ -141,18 +141,21 @@ def level(url: str, clients: int, args, server_pid: int) -> dict:
 
 def raw_decode(args, batch: int) -> float:
     """tokens/s of the batched decode program alone at ``batch`` live sequences."""
-    if args.fake_decoder_ms is not None:
-        from fake_decoder import raw_tokens_per_s
-
-        return raw_tokens_per_s(args.fake_decoder_ms, batch, args.prompt_tokens, args.max_tokens)
-    from graphc.backends import get_backend
-    from graphc.models.load import load_model
-    from graphc.runtime.decode import DecodeSpec
     from graphc.runtime.sampling import Sampler
 
-    backend = get_backend(args.backend)()
-    params = backend.upload_params(load_model(args.model, 0))
-    dec = backend.decoder(params, DecodeSpec(batch, args.prompt_tokens + args.max_tokens, args.precision))
+    capacity = args.prompt_tokens + args.max_tokens
+    if args.fake_decoder_ms is not None:
+        from fake_decoder import FakeDecoder
+
+        dec = FakeDecoder(batch, capacity, args.fake_decoder_ms / 1000)
+    else:
+        from graphc.backends import get_backend
+        from graphc.models.load import load_model
+        from graphc.runtime.decode import DecodeSpec
+
+        backend = get_backend(args.backend)()
+        params = backend.upload_params(load_model(args.model, 0))
+        dec = backend.decoder(params, DecodeSpec(batch, capacity, args.precision))
     rng = np.random.default_rng(0)
     for _ in range(batch):
         dec.add([int(t) for t in rng.integers(1, 50000, args.prompt_tokens)], Sampler(temperature=0))
