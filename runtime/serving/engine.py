@@ -195,8 +195,9 @@ class Engine:
                     self.deliver(events)
                     continue
                 seconds = time.perf_counter() - t0
+                before = len(events)       # admission errors are not tokens
                 self._collect(results, events)
-                self.on_step(seconds, len(events))
+                self.on_step(seconds, len(events) - before)
             if events:
                 self.deliver(events)
 
