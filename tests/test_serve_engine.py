@@ -62,7 +62,8 @@ def test_one_deliver_per_step_with_every_running_token():
     decoder = fake_decoder.FakeDecoder(4, 64, 0.0)      # 6 jobs, 4 slots: two wait for a slot
     recorder = Recorder(decoder)
     recorder.expect = len(prompts)
-    engine = Engine(decoder, deliver=recorder)
+    counted = []
+    engine = Engine(decoder, deliver=recorder, on_step=lambda seconds, tokens: counted.append(tokens))
     jobs = [Job(p, m, Sampler(temperature=0), emit=None) for p, m in zip(prompts, max_tokens)]
     engine.start()
     try:
@@ -81,6 +82,7 @@ def test_one_deliver_per_step_with_every_running_token():
         assert [t for t, _ in got] == expected_tokens(prompt, n)
         assert [f for _, f in got] == [None] * (n - 1) + ["length"]
     assert decoder.live == []
+    assert sum(counted) == sum(max_tokens)              # the generated-tokens metric's source
 
 
 def test_end_of_text_finishes_with_stop():
