@@ -269,6 +269,16 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
                 engine.cancel(job)
             raise ApiError(429, f"the server is busy ({e}); retry later", None, "queue_full") from None
         pending = sum(1 for c in choices if c.finish is None)   # no emit has run yet: nothing awaited
+        gone = False
+
+        async def watch_disconnect():            # one timer per request, not one per wake-up
+            nonlocal gone
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            gone = True
+            woken.set()
+
+        watcher = loop.create_task(watch_disconnect()) if pending else None
         try:
             for index, choice in enumerate(choices):
                 if choice.finish is not None:
@@ -285,15 +295,13 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
                     for index in ready:
                         yield index, choices[index]
                     continue
-                if not pending:
+                if not pending or gone:
                     return
                 woken.clear()
-                try:
-                    await asyncio.wait_for(woken.wait(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
+                await woken.wait()
         finally:
+            if watcher is not None:
+                watcher.cancel()
             for job in jobs.values():
                 engine.cancel(job)
 
