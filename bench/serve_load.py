@@ -7,9 +7,15 @@ level runs that many clients, each sending a bounded number of streaming request
 (``--requests`` per client, ``--max-tokens`` each, greedy, a prompt of ``--prompt-tokens``);
 every loop is bounded in count and time and the server is stopped at the end. Prints one
 table: generated tokens/s over the whole level, and time to first token / time per output
-token (the gaps between streamed tokens) at p50 and p99. ``--raw`` adds the raw batched
+token (per request: (last token - first) / (tokens - 1)) at p50 and p99. ``--raw`` adds the raw batched
 decode program (``Decoder.step`` at the same batch, in this process, no HTTP) for the
 comparison the serving issue asks for (server tokens/s within 15% of it at 32 clients).
+It also prints the server process's CPU time per generated token and the cores the server
+and the clients (this process) kept busy: on a machine of few cores the clients compete
+with the server, and CPU per token is the host overhead that does not depend on that.
+
+``--fake-decoder-ms 0.85`` serves ``bench/fake_decoder.py`` (a simulated GPU step that holds
+no CPU and no GIL) instead of a model: the server's host overhead without a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -30,9 +37,14 @@ LINE = re.compile(r"^serving \S+ on http://127\.0\.0\.1:(\d+) ")
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "graphc", "serve", "--model", args.model, "--port", "0", "--backend", args.backend,
+    if args.fake_decoder_ms is not None:   # the simulated GPU step: host overhead only
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_decoder.py"),
+               "--step-ms", str(args.fake_decoder_ms), "--max-batch", str(max(args.concurrency)),
+               "--context", str(args.prompt_tokens + args.max_tokens)]
+    else:
+        cmd = [sys.executable, "-m", "graphc", "serve", "--model", args.model, "--port", "0", "--backend", args.backend,
            "--precision", args.precision, "--max-batch", str(max(args.concurrency)), "--max-queue", "1024",
-           "--served-model-name", "m", "--context", str(args.prompt_tokens + args.max_tokens)]
+               "--served-model-name", "m", "--context", str(args.prompt_tokens + args.max_tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = LINE.match(line)
@@ -44,11 +56,17 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int, deadline: float,
                 stream: bool = True):
-    """(first-token seconds, [gaps between tokens], tokens) of one request (non-streaming: the
-    whole answer's time as its first token, no gaps)."""
+    """(first-token seconds, [time per output token], tokens) of one request. Streaming: the
+    tokens are the usage the server reports (an event can carry several tokens when the
+    client reads slower than the model steps), TPOT = (last event - first) / (tokens - 1), as
+    vLLM's benchmark defines it. Non-streaming: the whole answer's time as its first token,
+    no TPOT."""
     t0 = time.perf_counter()
     stamps = []
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    tokens = 0
     if not stream:
         r = http.post(url + "/v1/completions", json=body, timeout=max(deadline - t0, 1))
         if r.status_code != 200:
@@ -59,51 +77,85 @@ def one_request(http: httpx.Client, url: str, prompt: list[int], max_tokens: int
             raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:500]}")
         for line in r.iter_lines():
             if line.startswith("data: {"):
-                if json.loads(line[6:])["choices"]:
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
                     stamps.append(time.perf_counter())
-    if not stamps:
+                elif chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    if not stamps or not tokens:
         return None
-    return stamps[0] - t0, list(np.diff(stamps)), len(stamps)
+    return stamps[0] - t0, ([(stamps[-1] - stamps[0]) / (tokens - 1)] if tokens > 1 else []), tokens
 
 
-def level(url: str, clients: int, args) -> dict:
-    deadline = time.perf_counter() + args.level_timeout
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def level(url: str, clients: int, args, server_pid: int) -> dict:
+    """One concurrency level. The HTTP clients, their connections and the prompts are made
+    before the clock starts (an httpx.Client costs milliseconds of CPU to create, which on
+    2 cores would be charged to the server)."""
     rng = np.random.default_rng(clients)
+    prompts = [[[int(t) for t in rng.integers(1, 50000, args.prompt_tokens)] for _ in range(args.requests)]
+               for _ in range(clients)]
+    https = [httpx.Client() for _ in range(clients)]
+    for http in https:   # connect (one cheap request each), outside the timing
+        http.get(url + "/health", timeout=30)
+    start = threading.Barrier(clients + 1)
+    deadline = time.perf_counter() + args.level_timeout
 
     def client(i: int):
         out = []
-        with httpx.Client() as http:
-            for _ in range(args.requests):
-                if time.perf_counter() > deadline:
-                    break
-                prompt = [int(t) for t in rng.integers(1, 50000, args.prompt_tokens)]
-                res = one_request(http, url, prompt, args.max_tokens, deadline, not args.no_stream)
-                if res is not None:
-                    out.append(res)
+        start.wait()
+        for prompt in prompts[i]:
+            if time.perf_counter() > deadline:
+                break
+            res = one_request(https[i], url, prompt, args.max_tokens, deadline, not args.no_stream)
+            if res is not None:
+                out.append(res)
         return out
 
-    t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(client, range(clients)) for r in rs]
-    seconds = time.perf_counter() - t0
+        futures = [pool.submit(client, i) for i in range(clients)]
+        start.wait()
+        t0, cpu0, own0 = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
+        results = [r for f in futures for r in f.result()]
+        seconds = time.perf_counter() - t0
+        server_cpu, client_cpu = cpu_seconds(server_pid) - cpu0, time.process_time() - own0
+    for http in https:
+        http.close()
     ttft = [r[0] for r in results]
     gaps = [g for r in results for g in r[1]]
     tokens = sum(r[2] for r in results)
     pct = lambda xs, q: float(np.percentile(xs, q) * 1000) if xs else float("nan")  # noqa: E731
     return {"clients": clients, "requests": len(results), "tok_s": tokens / seconds,
+            "server_us": server_cpu / tokens * 1e6, "server_cores": server_cpu / seconds,
+            "client_cores": client_cpu / seconds,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(gaps, 50), "tpot_p99": pct(gaps, 99)}
 
 
 def raw_decode(args, batch: int) -> float:
     """tokens/s of the batched decode program alone at ``batch`` live sequences."""
-    from graphc.backends import get_backend
-    from graphc.models.load import load_model
-    from graphc.runtime.decode import DecodeSpec
     from graphc.runtime.sampling import Sampler
 
-    backend = get_backend(args.backend)()
-    params = backend.upload_params(load_model(args.model, 0))
-    dec = backend.decoder(params, DecodeSpec(batch, args.prompt_tokens + args.max_tokens, args.precision))
+    capacity = args.prompt_tokens + args.max_tokens
+    if args.fake_decoder_ms is not None:
+        from fake_decoder import FakeDecoder
+
+        dec = FakeDecoder(batch, capacity, args.fake_decoder_ms / 1000)
+    else:
+        from graphc.backends import get_backend
+        from graphc.models.load import load_model
+        from graphc.runtime.decode import DecodeSpec
+
+        backend = get_backend(args.backend)()
+        params = backend.upload_params(load_model(args.model, 0))
+        dec = backend.decoder(params, DecodeSpec(batch, capacity, args.precision))
     rng = np.random.default_rng(0)
     for _ in range(batch):
         dec.add([int(t) for t in rng.integers(1, 50000, args.prompt_tokens)], Sampler(temperature=0))
@@ -128,24 +180,39 @@ def main() -> int:
     p.add_argument("--raw", action="store_true", help="also time the raw batched decode program")
     p.add_argument("--no-stream", action="store_true",
                    help="non-streaming requests (TTFT is then the whole answer's time; no TPOT)")
+    p.add_argument("--fake-decoder-ms", type=float, default=None,
+                   help="serve bench/fake_decoder.py (a simulated step of this many ms) instead of a model: "
+                        "the server's host overhead alone")
+    p.add_argument("--repeats", type=int, default=1, help="run each level this many times (tokens/s: median, range)")
     args = p.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     proc, url = start_server(args)
     rows = []
     try:
         for clients in args.concurrency:
-            rows.append(level(url, clients, args))
+            runs = [level(url, clients, args, proc.pid) for _ in range(args.repeats)]
+            row = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+            row["tok_s_range"] = (min(r["tok_s"] for r in runs), max(r["tok_s"] for r in runs))
+            rows.append(row)
     finally:
         proc.terminate()
         proc.wait(30)
-    print(f"\ngraphc serve, {args.model}, backend {args.backend} {args.precision}, greedy, {args.prompt_tokens}-token "
+    model = "fake decoder" if args.fake_decoder_ms is not None else f"{args.model}, backend {args.backend} {args.precision}"
+    print(f"\ngraphc serve, {model}, greedy, {args.prompt_tokens}-token "
           f"prompts, {args.max_tokens} tokens each, {'non-streaming' if args.no_stream else 'streaming'}; "
           f"cpu threads {os.cpu_count()}")
-    print("| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if args.fake_decoder_ms is not None:
+        print(f"simulated decoder: {args.fake_decoder_ms} ms per step (bench/fake_decoder.py), "
+              f"{args.repeats} run(s) per level: tokens/s median (min..max)")
+    print("| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
+          "| server CPU µs/token | server cores | client cores |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | "
-              f"{r['tpot_p50']:.1f} | {r['tpot_p99']:.1f} |")
+        lo, hi = r["tok_s_range"]
+        spread = f" ({lo:.0f}..{hi:.0f})" if args.repeats > 1 else ""
+        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f}{spread} | {r['ttft_p50']:.1f} | "
+              f"{r['ttft_p99']:.1f} | {r['tpot_p50']:.1f} | {r['tpot_p99']:.1f} | {r['server_us']:.1f} | "
+              f"{r['server_cores']:.2f} | {r['client_cores']:.2f} |")
     if args.raw:
         for clients in args.concurrency:
             if clients > 1:

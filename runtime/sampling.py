@@ -125,11 +125,18 @@ class Sampler:
     top_k: int | None = None
     top_p: float = 1.0
     seed: int | None = 0
-    rng: np.random.Generator = field(init=False, repr=False)
+    _rng: np.random.Generator | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_settings(self.temperature, self.top_k, self.top_p)
-        self.rng = np.random.default_rng(self.seed)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The seeded Generator, made on first use: a greedy sampler never needs one, and
+        making it costs ~10 us (per request, on the server's event loop)."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
 
     def for_sequence(self, index: int) -> "Sampler":
         """The same settings with sequence ``index``'s own random stream (seed + index), so that

@@ -34,8 +34,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import uvicorn
-
     from graphc.backends import get_backend
     from graphc.data.tokenizer import Tokenizer
     from graphc.models.load import load_model
@@ -60,13 +58,27 @@ def run(args) -> int:
                           api_key=args.api_key or os.environ.get("GRAPHC_API_KEY") or None)
     app = build_app(engine, tokenizer, config)
 
+    banner = f"(backend {backend.name}, max batch {args.max_batch})"
+    if not run_server(engine, app, args.host, args.port, name, banner):
+        raise GraphcError(None, f"could not listen on {args.host}:{args.port} (in use, or not an address here)",
+                          "--port")
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def run_server(engine, app, host: str, port: int, name: str, banner: str) -> bool:
+    """Start ``engine``, serve ``app`` with uvicorn until SIGINT/SIGTERM, stop the engine.
+
+    Prints ``serving NAME on http://HOST:PORT BANNER`` once listening (what clients and the
+    tests read the port from). Returns whether it ever listened."""
+    import uvicorn
+
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
-                host, port = self.servers[0].sockets[0].getsockname()[:2]
-                print(f"serving {name} on http://{_url_host(host)}:{port} (backend {backend.name}, "
-                      f"max batch {args.max_batch})", flush=True)
+                bound_host, bound_port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"serving {name} on http://{_url_host(bound_host)}:{bound_port} {banner}", flush=True)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -84,17 +96,13 @@ def run(args) -> int:
             await super().shutdown(sockets)
 
     engine.start()
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                                    timeout_graceful_shutdown=5))
     try:
         server.run()
     finally:
         engine.stop()
-    if not server.started:
-        raise GraphcError(None, f"could not listen on {args.host}:{args.port} (in use, or not an address here)",
-                          "--port")
-    print("stopped", file=sys.stderr)
-    return 0
+    return bool(server.started)
 
 
 def _url_host(host: str) -> str:

@@ -6,10 +6,13 @@ Routes: ``POST /v1/completions`` (JSON or server-sent events), ``GET /v1/models`
 
 Each completion choice (prompt x ``n``) is one :class:`~graphc.runtime.serving.engine.Job`
 with its own seeded sampler (``seed + choice index``; a fresh random seed when the request
-has none). Tokens arrive from the engine thread through ``loop.call_soon_threadsafe`` into
-an asyncio queue; this side detokenizes incrementally (UTF-8 pieces split across tokens are
-held back until complete), applies stop strings (text that could still grow into a stop
-string is held back while streaming) and builds the bodies. A client that disconnects, or a
+has none). Each engine step's tokens arrive in one ``loop.call_soon_threadsafe`` (the
+engine's ``deliver``, :class:`_HandOff`); on the loop each token goes to its choice's
+:class:`ChoiceText`, and the request's handler is woken only when there is something to send
+(each step while streaming; once per choice, at its end, otherwise). This side detokenizes
+(lazily: a non-streaming choice without stop strings once, at the end; UTF-8 pieces split
+across tokens are held back until complete), applies stop strings (text that could still
+grow into a stop string is held back while streaming) and builds the bodies. A client that disconnects, or a
 choice that meets a stop string, cancels its job: the engine frees the slot at the next step.
 """
 
@@ -31,7 +34,7 @@ from starlette.routing import Route
 from graphc.runtime.decode import Sampled
 from graphc.runtime.sampling import Sampler
 from graphc.runtime.serving import metrics as m
-from graphc.runtime.serving.engine import Engine, Job, QueueFull
+from graphc.runtime.serving.engine import Engine, Job, QueueFull, emit_each
 from graphc.runtime.serving.protocol import (
     ApiError,
     CompletionRequest,
@@ -69,18 +72,24 @@ class Metrics:
 
 
 class ChoiceText:
-    """One choice's text: incremental detokenization, stop strings, logprobs, finish reason."""
+    """One choice's text: incremental detokenization, stop strings, logprobs, finish reason.
+
+    Adding a token only appends it; the text is decoded when it is asked for (:meth:`delta`)
+    or when stop strings must be looked for, so a non-streaming choice without stop strings
+    is detokenized once, at the end."""
 
     def __init__(self, tokenizer, stop: list[str], prefix: str = ""):
         self.tokenizer = tokenizer
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
-        self.text = prefix          # everything so far (echoed prompt included)
+        self.text = prefix          # everything decoded so far (echoed prompt included)
         self.sent = 0               # characters already handed out
         self.scan_from = len(prefix)
         self.tokens: list[Sampled | None] = []
-        self.token_texts: list[str] = []
+        self.token_texts: list[str] = []   # filled up to len(tokens) on demand (logprobs)
+        self.undecoded: list[int] = []     # generated ids not in ``text`` yet
+        self.flushed = False               # the UTF-8 decoder's tail is in ``text``
         self.finish: str | None = None
         self.generated = 0
 
@@ -97,24 +106,36 @@ class ChoiceText:
             self.generated += 1
             if not (finish == "stop" and sampled.token == eot):   # end of text: counted, not shown
                 self.tokens.append(sampled)
-                self.token_texts.append(self._piece(sampled.token))
-                self.text += self.utf8.decode(self.tokenizer.decode_bytes(sampled.token))
+                self.undecoded.append(sampled.token)
         if finish is not None:
-            self.text += self.utf8.decode(b"", final=True)
             self.finish = finish
-        self._apply_stop()
+        if self.stop:
+            self._decode()
+            self._apply_stop()
+
+    def _decode(self) -> None:
+        """Bring ``text`` up to date with the tokens added (UTF-8 pieces split across tokens
+        wait for the rest of their bytes until the choice finishes)."""
+        if self.undecoded:
+            data = b"".join([self.tokenizer.decode_bytes(t) for t in self.undecoded])
+            self.undecoded.clear()
+            self.text += self.utf8.decode(data)
+        if self.finish is not None and not self.flushed:
+            self.flushed = True
+            self.text += self.utf8.decode(b"", final=True)
 
     def _apply_stop(self) -> None:
-        if not self.stop:
-            return
         hits = [i for i in (self.text.find(s, max(self.scan_from - self.hold, 0)) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
             self.finish = "stop"
+            self.flushed = True     # the text ends here: nothing after it is decoded
+            self.undecoded.clear()
         self.scan_from = len(self.text)
 
     def delta(self) -> str:
         """New text that is safe to send (all of it once finished)."""
+        self._decode()
         ready = len(self.text) if self.finish else max(len(self.text) - self.hold, self.sent)
         piece = self.text[self.sent:ready]
         self.sent = ready
@@ -122,6 +143,7 @@ class ChoiceText:
 
     def logprobs_body(self, start: int = 0, offset0: int = 0) -> dict:
         """OpenAI's legacy logprobs object for tokens ``start:``."""
+        self.token_texts += [self._piece(s.token) for s in self.tokens[len(self.token_texts):]]
         toks, texts = self.tokens[start:], self.token_texts[start:]
         offsets, pos = [], offset0
         for t in self.token_texts[:start]:
@@ -139,8 +161,15 @@ class ChoiceText:
 
 def build_app(engine: Engine, tokenizer, config: ServerConfig):
     metrics = Metrics(engine)
+    hand_off = _HandOff()
     engine.on_first_token = metrics.ttft.observe
-    engine.on_step = lambda seconds, batch: metrics.step.observe(seconds)
+
+    def on_step(seconds: float, tokens: int) -> None:
+        metrics.step.observe(seconds)
+        metrics.generated_tokens.inc(tokens)
+
+    engine.on_step = on_step
+    engine.deliver = hand_off.deliver
 
     def error_response(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -184,9 +213,18 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
         return await (stream_completion if req.stream else full_completion)(request, req)
 
     async def run_choices(request: Request, req: CompletionRequest):
-        """Start every choice; yields (index, ChoiceText) as each changes; cancels all on exit."""
+        """Start every choice; yields (index, ChoiceText) as each changes (streaming) or as each
+        finishes (non-streaming); cancels all on exit.
+
+        The engine's tokens arrive through :class:`_HandOff` (one callback per step, on this
+        loop) into each job's ``emit``, which updates its ChoiceText directly and wakes this
+        generator only when there is something to yield."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        if hand_off.loop is not loop:
+            hand_off.loop = loop
+        woken = asyncio.Event()
+        changed: dict[int, None] = {}            # choices with news since the last yield (ordered set)
+        failure: list[str] = []
         choices, jobs = [], {}
         plan = [(i * req.n + k, prompt) for i, prompt in enumerate(req.prompts) for k in range(req.n)]
         for index, prompt in plan:
@@ -196,50 +234,74 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
                 scored = await asyncio.wrap_future(engine.call(lambda p=prompt: engine.decoder.score(p, req.logprobs)))
                 choice.add_prompt_logprobs(scored, prompt)
             choices.append(choice)
+        pending = 0                              # choices still generating (set once all are submitted)
+
+        def emit(sampled, finish, index):        # on this loop, from the engine's per-step hand-off
+            nonlocal pending
+            choice = choices[index]
+            if choice.finish is not None:
+                return                           # tokens already in flight after a stop string
+            if finish == "abort" or (finish is not None and finish.startswith("error")):
+                failure.append(finish)
+                woken.set()
+                return
+            choice.add(sampled, finish, tokenizer.eot)
+            if choice.finish is not None:
+                pending -= 1
+                if finish is None:               # a stop string ended it: free the slot now
+                    engine.cancel(jobs[index])
+            elif not req.stream:
+                return                           # nothing to say before the end
+            changed[index] = None
+            woken.set()
+
         try:
             for index, prompt in plan:
                 if req.max_tokens == 0:
                     choices[index].add(None, "length", tokenizer.eot)
                     continue
-
-                def emit(sampled, finish, index=index):
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, sampled, finish))
-
-                job = Job(prompt, req.max_tokens, sampler_for(req, index), emit, logprobs=req.logprobs)
+                job = Job(prompt, req.max_tokens, sampler_for(req, index),
+                          lambda sampled, finish, index=index: emit(sampled, finish, index), logprobs=req.logprobs)
                 engine.submit(job)
                 jobs[index] = job
         except QueueFull as e:
             for job in jobs.values():
                 engine.cancel(job)
             raise ApiError(429, f"the server is busy ({e}); retry later", None, "queue_full") from None
+        pending = sum(1 for c in choices if c.finish is None)   # no emit has run yet: nothing awaited
+        gone = False
+
+        async def watch_disconnect():            # one timer per request, not one per wake-up
+            nonlocal gone
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            gone = True
+            woken.set()
+
+        watcher = loop.create_task(watch_disconnect()) if pending else None
         try:
-            pending = sum(1 for c in choices if c.finish is None)
             for index, choice in enumerate(choices):
                 if choice.finish is not None:
                     yield index, choice
-            while pending:
-                try:
-                    index, sampled, finish = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                choice = choices[index]
-                if choice.finish is not None:
-                    continue                     # tokens already in flight after a stop string
-                if sampled is not None:
-                    metrics.generated_tokens.inc()
-                if finish == "abort":
-                    raise ApiError(503, "the server is shutting down", None, "shutting_down")
-                if finish is not None and finish.startswith("error"):
+            while True:
+                if failure:
+                    finish = failure[0]
+                    if finish == "abort":
+                        raise ApiError(503, "the server is shutting down", None, "shutting_down")
                     raise ApiError(500, f"generation failed: {finish[len('error: '):]}", None, "engine_error")
-                choice.add(sampled, finish, tokenizer.eot)
-                if choice.finish is not None:
-                    pending -= 1
-                    if finish is None:           # a stop string ended it: free the slot now
-                        engine.cancel(jobs[index])
-                yield index, choice
+                if changed:
+                    ready = list(changed)
+                    changed.clear()
+                    for index in ready:
+                        yield index, choices[index]
+                    continue
+                if not pending or gone:
+                    return
+                woken.clear()
+                await woken.wait()
         finally:
+            if watcher is not None:
+                watcher.cancel()
             for job in jobs.values():
                 engine.cancel(job)
 
@@ -348,6 +410,19 @@ class CountRequests:
 
 
 _ROUTES = {"/v1/completions", "/v1/models", "/health", "/metrics"}
+
+
+class _HandOff:
+    """The engine's ``deliver`` for the HTTP app: one ``call_soon_threadsafe`` per step hands
+    the step's events to the event loop (set by the first request), where each job's
+    ``emit`` runs. One wake-up of the loop per step instead of one per token."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def deliver(self, events) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(emit_each, events)
 
 
 def _reason(finish: str | None) -> str | None:

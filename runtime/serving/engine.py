@@ -8,8 +8,9 @@ and :meth:`Engine.submit`\\ s it; the engine thread, between decode steps,
 2. runs one step: a new token for every running sequence, and prefill work for the
    submitted ones (a sequence's first token comes out of the step that ends its prefill;
    the CUDA decoder prefills in chunks beside the decode rows, so no one stalls for long),
-3. hands every new token to its job's ``emit`` callback, and frees the slot of a job that
-   finished (end of text, ``max_tokens``) or was cancelled (client gone, stop string met).
+3. hands the step's new tokens over in **one** call, ``deliver(events)`` (``events`` a list
+   of ``(job, token, finish)``), and frees the slot of a job that finished (end of text,
+   ``max_tokens``) or was cancelled (client gone, stop string met).
 
 So requests join and leave at step boundaries and never wait for each other to finish.
 Each job carries its own seeded :class:`~graphc.runtime.sampling.Sampler`, and the decoder
@@ -18,10 +19,14 @@ Admission is bounded twice: by the decoder's slots (KV-cache capacity) and by th
 (``max_queue``; :class:`QueueFull` beyond it, which the server answers with 429).
 
 The model runs in this thread (onnxruntime and the CUDA runtime release the GIL), while
-the asyncio loop tokenizes, detokenizes and talks HTTP: the two overlap. ``emit`` is
-called from the engine thread and must only hand the token over (the app uses
-``loop.call_soon_threadsafe``). Work that must not interleave with decoding, such as prompt
-scoring, runs on the engine thread too through :meth:`Engine.call`.
+the asyncio loop tokenizes, detokenizes and talks HTTP: the two overlap. The default
+``deliver`` calls each job's ``emit`` right here on the engine thread (the Triton model's
+emit only queues a response); the HTTP app passes a ``deliver`` that schedules one callback
+per step on its event loop (``loop.call_soon_threadsafe``), which calls the emits there:
+one thread hand-off per step, not one per token, because with a GPU step of under a
+millisecond the host work between steps is what limits throughput. The loop between steps
+allocates nothing per step but the event list. Work that must not interleave with decoding,
+such as prompt scoring, runs on the engine thread too through :meth:`Engine.call`.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class QueueFull(Exception):
 class Job:
     """One sequence to generate. ``emit(token, finish)`` receives every token; ``finish`` is
     None while it goes on, then ``"stop"`` (end of text), ``"length"`` (max_tokens),
-    ``"abort"`` (engine stopped) or ``"error: ..."``; after a finish nothing more comes."""
+    ``"abort"`` (engine stopped) or ``"error: ..."``; after a finish nothing more comes.
+    Which thread calls ``emit`` is the engine's ``deliver``'s choice (see the module)."""
 
     prompt: list[int]
     max_tokens: int
@@ -57,23 +63,39 @@ class Job:
     emit: Callable[[Sampled | None, str | None], None]
     logprobs: int | None = None
     cancelled: bool = False
+    done: bool = False            # finished or failed: its slot is free already
     generated: int = 0
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
 
 
+Event = tuple[Job, "Sampled | None", "str | None"]
+
+
+def emit_each(events: list[Event]) -> None:
+    """The default ``deliver``: each job's ``emit``, on the calling (engine) thread."""
+    for job, sampled, finish in events:
+        job.emit(sampled, finish)
+
+
 class Engine:
+    """``on_step(seconds, tokens)`` is called after every step with its time and the tokens it
+    delivered; ``on_first_token(seconds)`` with each job's wait for its first token."""
+
     def __init__(self, decoder: Decoder, *, eot: int | None = EOT, max_queue: int = 256,
                  on_first_token: Callable[[float], None] | None = None,
-                 on_step: Callable[[float, int], None] | None = None):
+                 on_step: Callable[[float, int], None] | None = None,
+                 deliver: Callable[[list[Event]], None] = emit_each):
         self.decoder = decoder
         self.eot = eot
         self.max_queue = max_queue
         self.on_first_token = on_first_token or (lambda seconds: None)
-        self.on_step = on_step or (lambda seconds, batch: None)
+        self.on_step = on_step or (lambda seconds, tokens: None)
+        self.deliver = deliver
         self._queue: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable, concurrent.futures.Future]] = collections.deque()
         self._active: dict[int, Job] = {}
+        self._cancels = False        # some job was cancelled since the last step
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -98,8 +120,11 @@ class Engine:
 
     def cancel(self, job: Job) -> None:
         """Stop ``job`` at the next step boundary (its slot is freed; no more emits)."""
+        if job.done or job.cancelled:
+            return
         job.cancelled = True
         with self._cond:
+            self._cancels = True
             self._cond.notify()
 
     def call(self, fn: Callable):
@@ -125,8 +150,9 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        for job in list(self._queue) + list(self._active.values()):
-            job.emit(None, "abort")
+        aborted = [(job, None, "abort") for job in list(self._queue) + list(self._active.values())]
+        if aborted:
+            self.deliver(aborted)
         for _, future in self._calls:
             future.cancel()
         self._queue.clear()
@@ -135,17 +161,21 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
+        decoder, active, cond = self.decoder, self._active, self._cond
         while True:
-            with self._cond:
-                while self._running and not (self._queue or self._active or self._calls):
-                    self._cond.wait()
+            events: list[Event] = []
+            with cond:
+                while self._running and not (self._queue or active or self._calls):
+                    cond.wait()
                 if not self._running:
                     return
-                calls = list(self._calls)
-                self._calls.clear()
-                admit = []
-                while self._queue and len(admit) < self.decoder.free:
-                    admit.append(self._queue.popleft())
+                calls, admit = (), ()
+                if self._calls:
+                    calls = list(self._calls)
+                    self._calls.clear()
+                if self._queue:
+                    admit = [self._queue.popleft() for _ in range(min(len(self._queue), decoder.free))]
+                cancels, self._cancels = self._cancels, False
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -153,46 +183,59 @@ class Engine:
                     except BaseException as e:  # handed to the caller, never kills the engine
                         future.set_exception(e)
             for job in admit:
-                self._admit(job)
-            self._drop_cancelled()
-            if self._active:
+                self._admit(job, events)
+            if cancels:
+                self._drop_cancelled()
+            if active:
                 t0 = time.perf_counter()
                 try:
-                    results = self.decoder.step()
+                    results = decoder.step()
                 except Exception as e:  # a failing step fails the running jobs, not the server
-                    self._fail_all(e)
+                    self._fail_all(e, events)
+                    self.deliver(events)
                     continue
-                self.on_step(time.perf_counter() - t0, len(results))
-                for slot, sampled in results.items():
-                    self._deliver(slot, self._active[slot], sampled)
+                seconds = time.perf_counter() - t0
+                before = len(events)       # admission errors are not tokens
+                self._collect(results, events)
+                self.on_step(seconds, len(events) - before)
+            if events:
+                self.deliver(events)
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Job, events: list[Event]) -> None:
         if job.cancelled:
             return
         try:   # the first token comes out of a later step (chunked prefill beside the running rows)
             slot = self.decoder.submit(job.prompt, job.sampler, logprobs=job.logprobs)
         except GraphcError as e:
-            job.emit(None, f"error: {e.message}")
+            job.done = True
+            events.append((job, None, f"error: {e.message}"))
             return
         except Exception as e:
-            job.emit(None, f"error: {type(e).__name__}: {e}")
+            job.done = True
+            events.append((job, None, f"error: {type(e).__name__}: {e}"))
             return
         self._active[slot] = job
 
-    def _deliver(self, slot: int, job: Job, sampled: Sampled) -> None:
-        if job.cancelled:
-            self._release(slot)
-            return
-        if job.generated == 0:
-            self.on_first_token(time.perf_counter() - job.submitted)
-        job.generated += 1
-        finish = None
-        if self.eot is not None and sampled.token == self.eot:
-            finish = "stop"
-        elif job.generated >= job.max_tokens:
-            finish = "length"
-        job.emit(sampled, finish)
-        if finish is not None:
+    def _collect(self, results: dict[int, Sampled], events: list[Event]) -> None:
+        """This step's events; frees the slots of jobs that finished or were cancelled."""
+        active, eot = self._active, self.eot
+        for slot, sampled in results.items():
+            job = active[slot]
+            if job.cancelled:
+                self._release(slot)
+                continue
+            if job.generated == 0:
+                self.on_first_token(time.perf_counter() - job.submitted)
+            job.generated += 1
+            if sampled.token == eot:
+                finish = "stop"
+            elif job.generated >= job.max_tokens:
+                finish = "length"
+            else:
+                events.append((job, sampled, None))
+                continue
+            job.done = True
+            events.append((job, sampled, finish))
             self._release(slot)
 
     def _release(self, slot: int) -> None:
@@ -204,7 +247,8 @@ class Engine:
             if job.cancelled:
                 self._release(slot)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception, events: list[Event]) -> None:
         for slot, job in list(self._active.items()):
-            job.emit(None, f"error: {type(error).__name__}: {error}")
+            job.done = True
+            events.append((job, None, f"error: {type(error).__name__}: {error}"))
             self._release(slot)
