@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import onnx
 
-from graphc.ir.node import with_graph
+from graphc.ir.node import with_graph, with_inputs_renamed
 
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}
@@ -53,7 +53,7 @@ class CommonSubexpressionElimination:
         merged = 0
         for n in g.node:
             if any(i in rename for i in n.input):
-                n = _renamed(n, rename)
+                n = with_inputs_renamed(n, rename)
             if (n.op_type not in NONDETERMINISTIC and not _has_subgraph(n)
                     and not any(o in outputs for o in n.output)):
                 key = (n.domain, n.op_type, tuple(n.input), len(n.output),
@@ -79,15 +79,6 @@ def _payload(t: onnx.TensorProto) -> bytes:
     c.name = ""
     c.doc_string = ""
     return c.SerializeToString(deterministic=True)
-
-
-def _renamed(n: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
-    c = onnx.NodeProto()
-    c.CopyFrom(n)
-    for k, i in enumerate(c.input):
-        if i in rename:
-            c.input[k] = rename[i]
-    return c
 
 
 def cse() -> CommonSubexpressionElimination:

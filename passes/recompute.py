@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import onnx
 
-from graphc.ir.node import with_graph
+from graphc.ir.node import with_graph, with_inputs_renamed
 
 # (domain, op) -> how many leading outputs the clone keeps (LayerNormalization: Y only,
 # not the mean / inverse std its backward does not read from the clone)
@@ -102,18 +102,9 @@ class Recompute:
         for i, n in enumerate(g.node):
             nodes.extend(clones.get(i, []))
             if i in renames:
-                n = _renamed(n, renames[i])
+                n = with_inputs_renamed(n, renames[i])
             nodes.append(n)
         return with_graph(model, nodes=nodes, value_info=list(g.value_info) + new_vi), True
-
-
-def _renamed(node: onnx.NodeProto, names: dict[str, str]) -> onnx.NodeProto:
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    for k, x in enumerate(out.input):
-        if x in names:
-            out.input[k] = names[x]
-    return out
 
 
 def recompute(loss: str = "loss") -> Recompute:

@@ -40,6 +40,16 @@ def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def with_inputs_renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
+    """A copy of ``node`` reading ``rename[x]`` wherever it read ``x``."""
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    for k, x in enumerate(out.input):
+        if x in rename:
+            out.input[k] = rename[x]
+    return out
+
+
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Every value name read inside the subgraphs of an If/Loop/Scan node (recursively).
 
