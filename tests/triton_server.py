@@ -207,7 +207,8 @@ while not all(o["final"] for o in out):
         o["ids"] += result.as_numpy("output_ids").tolist()
         o["texts"] += [t.decode() for t in result.as_numpy("text_output")]
 client.stop_stream()
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+os._exit(0)    # grpc's stream thread can keep the interpreter from exiting after stop_stream()
 '''
 
 
