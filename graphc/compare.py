@@ -269,6 +269,24 @@ def feeds_for(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[s
     return out
 
 
+def gpt2_case(params, mode: str, B: int = 2, T: int = 32, *, seed: int = 0) -> Case:
+    """The ``mode`` case (:data:`MODES`) of ``params``: the graphs to build and the shared feeds."""
+    if mode not in MODES:
+        raise GraphcError(mode, f"unknown mode (known: {', '.join(MODES)})", "--mode")
+    return MODES[mode](params, B, T, seed=seed)
+
+
+def run_gpt2(case: Case, backends: Sequence[str], *, precision: str = "fp32", opt: bool = True,
+             graphs: Mapping[str, onnx.ModelProto] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Each backend runs the graph built for it (``graphs`` where given) on ``case``'s feeds in
+    that graph's dtypes: ``{backend: {output: array}}``, in the order of ``backends``."""
+    graphs = dict(graphs or {})
+    for name in backends:
+        if name not in graphs:
+            graphs[name] = case.graph(backend=name, precision=precision, opt=opt)
+    return {name: run_model(graphs[name], feeds_for(graphs[name], case.feeds), name) for name in backends}
+
+
 def compare_gpt2(params, mode: str, backends: Sequence[str], *, B: int = 2, T: int = 32,
                  precision: str = "fp32", opt: bool = True, seed: int = 0) -> Comparison:
     """``graphc compare``: the ``mode`` case of ``params`` on every backend, against the first.
@@ -280,10 +298,7 @@ def compare_gpt2(params, mode: str, backends: Sequence[str], *, B: int = 2, T: i
     """
     from graphc.precision import get_precision
 
-    dtype = get_precision(precision).compute
-    if mode not in MODES:
-        raise GraphcError(mode, f"unknown mode (known: {', '.join(MODES)})", "--mode")
-    case = MODES[mode](params, B, T, seed=seed)
-    models = {name: case.graph(backend=name, precision=precision, opt=opt) for name in backends}
-    results = [run_model(models[name], feeds_for(models[name], case.feeds), name) for name in backends]
-    return compare_results(list(backends), results, dtype=dtype, outputs=case.outputs)
+    case = gpt2_case(params, mode, B, T, seed=seed)
+    results = run_gpt2(case, backends, precision=precision, opt=opt)
+    return compare_results(list(results), list(results.values()), dtype=get_precision(precision).compute,
+                           outputs=case.outputs)

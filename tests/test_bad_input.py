@@ -51,6 +51,20 @@ class Case:
 
 
 # ----------------------------------------------------------------------------- setups
+def _polygraphy_file(path: Path, *, inputs: bool = False, iterations: int = 1) -> None:
+    """A Polygraphy inputs file, or RunResults with ``iterations`` iterations of one runner."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+
+    outputs = {"logits": np.zeros((1, 2), np.float32)}
+    if inputs:
+        save_json([outputs], str(path))
+        return
+    results = RunResults()
+    results.add([outputs] * iterations, runner_name="trt-runner")
+    results.save(str(path))
+
+
 def copy(name: str, to: str | None = None):
     def setup(ws: Path, tmp: Path) -> None:
         src, dst = ws / name, tmp / (to or name)
@@ -413,6 +427,26 @@ CASES: list[Case] = [
     Case("compare-bad-precision", [*COMPARE, "onnxruntime,reference", "--precision", "fp8"], "invalid choice: 'fp8'"),
     Case("compare-t-too-long", [*COMPARE, "onnxruntime,reference", "-t", "4096"], "-t: sequence length 4096"),
     Case("compare-b-zero", [*COMPARE, "onnxruntime,reference", "-b", "0"], "-b: must be >= 1"),
+    Case("compare-load-outputs-missing", [*COMPARE, "onnxruntime,reference", "--load-outputs", "none.json"],
+         "none.json: --load-outputs: no such file"),
+    Case("compare-load-outputs-not-json", [*COMPARE, "onnxruntime,reference", "--load-outputs", "{ws}/text.txt"],
+         "text.txt: --load-outputs: not a JSON file"),
+    Case("compare-load-outputs-other-json", [*COMPARE, "onnxruntime,reference", "--load-outputs", "x.json"],
+         "x.json: --load-outputs: not Polygraphy inference results", setup=write("x.json", '{"steps": 3}')),
+    Case("compare-load-outputs-inputs-file", [*COMPARE, "onnxruntime,reference", "--load-outputs", "in.json"],
+         "in.json: --load-outputs: not Polygraphy inference results",
+         setup=lambda ws, tmp: _polygraphy_file(tmp / "in.json", inputs=True)),
+    Case("compare-load-outputs-two-iterations", [*COMPARE, "onnxruntime,reference", "--load-outputs", "r.json"],
+         "r.json: --load-outputs: runner 'trt-runner' has 2 iterations",
+         setup=lambda ws, tmp: _polygraphy_file(tmp / "r.json", iterations=2)),
+    Case("compare-save-for-unknown", [*COMPARE, "onnxruntime,reference", "--save-for", "trt", "--save-model", "m.onnx"],
+         "trt: --save-for: unknown backend"),
+    Case("compare-save-for-alone", [*COMPARE, "onnxruntime,reference", "--save-for", "tensorrt"],
+         "tensorrt: --save-for: says whose graph"),
+    Case("compare-save-model-under-file", [*COMPARE, "onnxruntime,reference", "--save-model", "{ws}/text.txt/m.onnx"],
+         "--save-model: cannot be created"),
+    Case("compare-save-outputs-is-dir", [*COMPARE, "onnxruntime,reference", "--save-outputs", "{ws}"],
+         "--save-outputs: is a directory"),
     # ------------------------------------------------------------------ serve
     Case("serve-port-out-of-range", ["serve", "--model", MODEL, "--port", "70000"], "--port: must be 0..65535"),
     Case("serve-model-missing", ["serve", "--model", "none.bin", "--port", "0"], "none.bin: --model: no such file"),

@@ -100,3 +100,94 @@ def test_graph_variants_compare_too():
     result = compare([Run("plain", "onnxruntime", plain), Run("fused", "onnxruntime", optimize(plain, "infer")),
                       Run("fused float64", "reference", optimize(plain, "infer"))], feeds)
     assert result.ok and {d.run for d in result.diffs} == {"fused", "fused float64"}
+
+
+# ----------------------------------------------------------------------------- Polygraphy's files
+def test_polygraphy_runs_the_saved_graph_and_its_results_come_back(capsys, tmp_path):
+    """graphc writes the graph, inputs and outputs; Polygraphy's own onnxruntime runner (an
+    independent executor harness, its CLI) runs them; its results join the comparison."""
+    import subprocess
+    import sys
+
+    files = {k: str(tmp_path / f"{k}.{ext}") for k, ext in (("model", "onnx"), ("inputs", "json"),
+                                                             ("outputs", "json"), ("pg", "json"))}
+    code, out, err = cli(capsys, "--mode", "infer", "--backends", "onnxruntime,reference", "-t", "8",
+                         "--save-model", files["model"], "--save-inputs", files["inputs"],
+                         "--save-outputs", files["outputs"])
+    assert code == 0 and out.splitlines()[-1] == "PASS", out + err
+    assert f"wrote {files['model']}: the infer graph built for onnxruntime" in out
+    polygraphy = [sys.executable, "-c", "import sys; from polygraphy.tools import main; sys.exit(main())"]
+    done = subprocess.run([*polygraphy, "run", files["model"], "--onnxrt",
+                           "--load-inputs", files["inputs"], "--save-outputs", files["pg"]],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    code, out, err = cli(capsys, "--mode", "infer", "--backends", "onnxruntime,reference", "-t", "8",
+                         "--load-outputs", files["pg"], "--load-outputs", files["outputs"])
+    lines = out.splitlines()
+    assert code == 0 and lines[-1] == "PASS", out + err
+    runners = {line.split(": ")[0] for line in lines if ": logits: " in line}
+    assert any(r.startswith("onnxrt-runner") for r in runners), runners
+    # the saved outputs of both backends come back under the file's name, and the same values
+    assert {f"{files['outputs']}:onnxruntime", f"{files['outputs']}:reference"} <= runners
+    exact = [line for line in lines if line.startswith(f"{files['outputs']}:onnxruntime: ")]
+    assert len(exact) == 2 and all("max abs 0.000e+00" in line for line in exact), exact
+
+
+def test_a_wrong_polygraphy_result_fails(capsys, tmp_path):
+    from polygraphy.comparator import RunResults
+
+    path = tmp_path / "out.json"
+    code, out, _ = cli(capsys, "--mode", "infer", "--backends", "onnxruntime,reference", "-t", "8",
+                       "--save-outputs", str(path))
+    assert code == 0
+    results = RunResults.load(str(path))
+    bad = RunResults()
+    logits = results["onnxruntime"][0]["logits"]
+    bad.add([{"logits": logits * np.float32(1.01), "loss": results["onnxruntime"][0]["loss"]}], runner_name="trt")
+    bad.save(str(tmp_path / "bad.json"))
+    capsys.readouterr()
+    code, out, _ = cli(capsys, "--mode", "infer", "--backends", "onnxruntime,reference", "-t", "8",
+                       "--load-outputs", str(tmp_path / "bad.json"))
+    last = out.splitlines()[-1]
+    assert code == 1 and last == "FAIL: trt: logits outside tolerance against onnxruntime", out
+
+
+def test_bf16_arrays_keep_their_bits_through_polygraphy_files(tmp_path):
+    """NumPy has no bfloat16: BF16 inputs go to Polygraphy as torch.bfloat16 tensors (what its
+    TensorRT runner feeds), and come back as ml_dtypes.bfloat16 with the same bits."""
+    import ml_dtypes
+    import torch
+    from polygraphy.json import load_json
+
+    from graphc.polygraphy_io import load_results, save_inputs, save_results
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16)
+    ids = rng.integers(0, 50257, (2, 4))
+    save_inputs(tmp_path / "in.json", {"past": x, "tokens": ids})
+    (feed,) = load_json(str(tmp_path / "in.json"))
+    assert feed["past"].dtype == torch.bfloat16 and np.array_equal(feed["tokens"], ids)
+    assert np.array_equal(feed["past"].view(torch.int16).numpy(), x.view(np.int16))
+    save_results(tmp_path / "out.json", {"cuda": {"present": x, "loss": np.float32(2.5)}})
+    back = load_results(tmp_path / "out.json")["cuda"]
+    assert back["present"].dtype == ml_dtypes.bfloat16 and np.array_equal(back["present"].view(np.int16),
+                                                                           x.view(np.int16))
+    assert back["loss"].shape == () and back["loss"] == np.float32(2.5)
+
+
+def test_the_graph_saved_for_tensorrt_is_the_one_its_backend_builds(capsys, tmp_path):
+    """--save-for names any backend, one that cannot run here too: the file is the graph that
+    backend is given (BF16 inputs for a BF16 TensorRT decode graph)."""
+    import onnx
+
+    from graphc.compare import gpt2_case
+    from graphc.models.load import load_model
+
+    path = tmp_path / "trt.onnx"
+    code, out, err = cli(capsys, "--mode", "decode", "--precision", "bf16", "--backends", "onnxruntime,reference",
+                         "-t", "8", "--save-for", "tensorrt", "--save-model", str(path))
+    assert code == 0 and f"wrote {path}: the decode graph built for tensorrt" in out, out + err
+    expected = gpt2_case(load_model(MODEL, 0), "decode", 2, 8).graph(backend="tensorrt", precision="bf16", opt=True)
+    saved = onnx.load(str(path))
+    assert saved.graph == expected.graph
+    assert onnx.TensorProto.BFLOAT16 in {v.type.tensor_type.elem_type for v in saved.graph.input}

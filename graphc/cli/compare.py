@@ -1,13 +1,19 @@
 """``graphc compare``: run one GPT-2 graph on several backends with the same inputs.
 
     graphc compare --model PATH|NAME --mode infer|train|decode --backends onnxruntime,reference[,...]
-                   [--precision fp32|bf16] [-b 2 -t 32] [--no-opt]
+                   [--precision fp32|bf16] [-b 2 -t 32] [--no-opt] [--seed 0]
+                   [--save-model FILE.onnx [--save-for BACKEND]] [--save-inputs FILE.json]
+                   [--save-outputs FILE.json] [--load-outputs FILE.json ...]
 
 Prints, for every later backend and every output (``infer``: logits and loss; ``train``:
 the loss and every ``grad.*``; ``decode``: one KV-cache decode step's logits and updated
 caches), the max abs and max relative error against the first backend, then ``PASS``
 (exit 0) when all are within the precision's tolerance (:data:`graphc.compare.TOLERANCES`),
 else ``FAIL: <outputs>`` (exit 1).
+
+The ``--save-*`` / ``--load-outputs`` files are Polygraphy's (:mod:`graphc.polygraphy_io`):
+``polygraphy run`` reads the saved graph and inputs, and its saved outputs come back here as
+more runs, compared with the first backend like the others.
 """
 
 from __future__ import annotations
@@ -34,6 +40,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", dest="T", type=positive("-t"), default=32,
                    help="sequence length, or the cache capacity for decode (default 32)")
     p.add_argument("--no-opt", action="store_true", help="compare the unoptimised graphs (no fusion passes)")
+    g = p.add_argument_group("Polygraphy files (polygraphy run reads the model and inputs; its --save-outputs "
+                             "file comes back through --load-outputs)")
+    g.add_argument("--save-model", metavar="FILE.onnx", help="write the graph built for --save-for")
+    g.add_argument("--save-for", metavar="BACKEND",
+                   help="the backend whose graph --save-model / --save-inputs write (default: the first of --backends; "
+                        "any known backend, also one that cannot run here, e.g. tensorrt)")
+    g.add_argument("--save-inputs", metavar="FILE.json",
+                   help="write the inputs, in that graph's dtypes, as a Polygraphy inputs file (--load-inputs)")
+    g.add_argument("--save-outputs", metavar="FILE.json",
+                   help="write every backend's outputs as Polygraphy RunResults")
+    g.add_argument("--load-outputs", metavar="FILE.json", action="append", default=[],
+                   help="Polygraphy RunResults (polygraphy run --save-outputs) to compare too, each runner one "
+                        "more run against the first backend; repeatable")
 
 
 def parse_backends(text: str) -> list[str]:
@@ -56,18 +75,45 @@ def parse_backends(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphc.compare import compare_gpt2, tolerance
+    from graphc.compare import compare_results, gpt2_case, run_gpt2, tolerance
     from graphc.models.load import load_model
+    from graphc.outputs import check_output_file
+    from graphc.polygraphy_io import load_results
     from graphc.precision import get_precision
 
     backends = parse_backends(args.backends)
-    tol = tolerance(get_precision(args.precision).compute)   # bad input is reported before any work
+    save_for = args.save_for or backends[0]
+    if save_for not in REGISTRY:
+        raise GraphcError(save_for, f"unknown backend (known: {', '.join(REGISTRY)})", "--save-for")
+    if args.save_for and not (args.save_model or args.save_inputs):
+        raise GraphcError(args.save_for, "says whose graph --save-model / --save-inputs write; give one of them",
+                          "--save-for")
+    for flag in ("--save-model", "--save-inputs", "--save-outputs"):
+        if getattr(args, flag[2:].replace("-", "_")):
+            check_output_file(getattr(args, flag[2:].replace("-", "_")), flag)
+    loaded = {}                 # bad files are reported before any work
+    for path in args.load_outputs:
+        for runner, outputs in load_results(path).items():
+            label = runner if runner not in loaded and runner not in backends else f"{path}:{runner}"
+            loaded[label] = outputs
+    dtype = get_precision(args.precision).compute
+    tol = tolerance(dtype)
     params = load_model(args.model, args.seed)
     check_seq_len(params.cfg, args.T)
     print(f"model: {params.cfg.describe()}; mode {args.mode}, B={args.B} T={args.T}, {args.precision}; "
           f"tolerance: max abs <= {tol.atol:.0e} + {tol.rtol:.0e} * max |{backends[0]}|")
-    result = compare_gpt2(params, args.mode, backends, B=args.B, T=args.T, precision=args.precision,
-                          opt=not args.no_opt, seed=args.seed)
+    case = gpt2_case(params, args.mode, args.B, args.T, seed=args.seed)
+    graphs = {name: case.graph(backend=name, precision=args.precision, opt=not args.no_opt)
+              for name in dict.fromkeys([*backends, save_for])}
+    save_graph_files(args, graphs[save_for], case.feeds, save_for)
+    results = run_gpt2(case, backends, graphs=graphs)
+    if args.save_outputs:
+        from graphc.polygraphy_io import save_results
+
+        save_results(args.save_outputs, results)
+        print(f"wrote {args.save_outputs}: the outputs of {', '.join(results)} (Polygraphy RunResults)")
+    results.update(loaded)
+    result = compare_results(list(results), list(results.values()), dtype=dtype, outputs=case.outputs)
     for d in result.diffs:
         print(d.line())
     if result.ok:
@@ -77,3 +123,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"FAIL: {', '.join(shown)} outside tolerance against {result.reference}")
     return 1
 
+
+def save_graph_files(args: argparse.Namespace, graph, feeds: dict, backend: str) -> None:
+    """``--save-model`` / ``--save-inputs``: the graph built for ``backend`` and the shared
+    feeds in its dtypes, ready for ``polygraphy run FILE.onnx --load-inputs FILE.json``."""
+    from graphc.compare import feeds_for
+
+    if args.save_model:
+        from graphc.cli.grad import save_model
+
+        save_model(graph, args.save_model)
+        print(f"wrote {args.save_model}: the {args.mode} graph built for {backend}")
+    if args.save_inputs:
+        from graphc.polygraphy_io import save_inputs
+
+        save_inputs(args.save_inputs, feeds_for(graph, feeds))
+        print(f"wrote {args.save_inputs}: its inputs (Polygraphy --load-inputs)")
