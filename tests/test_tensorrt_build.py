@@ -132,3 +132,47 @@ def test_fp32_attention_needs_decomposition(flavor, monkeypatch):
         builder.build_engine(engine_graph(cfg, "infer", "fp32"), flavor=flavor, precision="fp32", max_batch=1,
                              max_seq=16)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("signum, exit_code, said", [(2, 130, "interrupted"), (15, 143, "terminated")])
+def test_a_signal_during_the_build_cancels_it_and_writes_nothing(flavor, capsys, tmp_path, monkeypatch,
+                                                                  signum, exit_code, said):
+    """TensorRT swallows exceptions raised in its Python callbacks, so Ctrl-C / SIGTERM while it
+    builds are recorded, the progress monitor cancels the build, and the signal is raised again
+    afterwards: exit 130 / 143, no engine, and the build did not run to its end."""
+    import os
+
+    from graphc.backends.tensorrt import builder
+
+    made = builder._make_progress_monitor
+    steps = []
+
+    def monitor_that_signals(trt, stop):
+        inner = made(trt, stop)
+
+        class SignalAtFirstStep(trt.IProgressMonitor):
+            def __init__(self):
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                pass
+
+            def step_complete(self, phase_name, step):
+                steps.append(phase_name)
+                if len(steps) == 1:
+                    os.kill(os.getpid(), signum)    # the user's Ctrl-C / kill, in the middle of the build
+                return inner.step_complete(phase_name, step)
+
+            def phase_finish(self, phase_name):
+                pass
+
+        return SignalAtFirstStep()
+
+    monkeypatch.setattr(builder, "_make_progress_monitor", monitor_that_signals)
+    out = tmp_path / "e.plan"
+    rc = main(["engine", "--model", SMALL, "--out", str(out), "--mode", "decode", "--max-batch", "4",
+               "--max-seq", "64"])
+    captured = capsys.readouterr()
+    assert rc == exit_code and captured.err.strip() == said and captured.out == "", captured
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert len(steps) <= 2       # cancelled at the step after the signal, not built to the end

@@ -8,6 +8,8 @@ fused MHA kernels. Any parser or builder failure is a one-line :class:`GraphcErr
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +71,50 @@ def _make_logger(trt):
     return CapturingLogger()
 
 
+def _make_progress_monitor(trt, stop: list[int]):
+    class CancelOnSignal(trt.IProgressMonitor):
+        """Cancels the build (``step_complete`` returns False) once a signal was recorded."""
+
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return not stop
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return CancelOnSignal()
+
+
+@contextlib.contextmanager
+def signals_deferred(stop: list[int]):
+    """SIGINT / SIGTERM while TensorRT builds: recorded in ``stop``, re-raised afterwards.
+
+    TensorRT calls back into Python only through its logger and progress monitor, and it
+    swallows what they raise: a Ctrl-C raised there printed ``[ERROR] Exception caught in
+    log(): KeyboardInterrupt`` and the build went on to write the engine. So the handlers
+    only record the signal, the progress monitor cancels the build, and the signal is raised
+    again once the builder has returned, reaching the handlers that were there before
+    (``KeyboardInterrupt``, the CLI's SIGTERM exit): exit 130 / 143 and no engine written."""
+    try:   # (an ignored signal stays ignored: a background job of a non-interactive shell ignores SIGINT)
+        previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN}
+    except ValueError:          # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if stop:
+            signal.raise_signal(stop[0])
+
+
 def name_attention_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the graph's ``Attention`` nodes (unnamed ones get a name: the report keys on it)."""
     names = []
@@ -97,7 +143,10 @@ def build_engine(model: onnx.ModelProto, *, flavor: Flavor, precision: str, max_
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     add_profile(flavor, builder, config, shapes)
-    plan = builder.build_serialized_network(network, config)
+    stop: list[int] = []
+    config.progress_monitor = _make_progress_monitor(trt, stop)
+    with signals_deferred(stop):
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         errors = logger.errors() or ["the builder returned no engine"]
         raise GraphcError(where, f"TensorRT {flavor.name} {flavor.version} failed to build the engine: "
