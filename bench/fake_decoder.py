@@ -76,7 +76,7 @@ class FakeDecoder(Decoder):
 
 
 def main() -> int:
-    from graphc.cli.serve import run_server
+    from graphc.cli.serve import bind_socket, run_server
     from graphc.data.tokenizer import Tokenizer
     from graphc.runtime.serving.app import ServerConfig, build_app
     from graphc.runtime.serving.engine import Engine
@@ -95,7 +95,7 @@ def main() -> int:
     config = ServerConfig(model_name=args.served_model_name, context=args.context, vocab_size=VOCAB,
                           max_batch=args.max_batch)
     app = build_app(engine, tokenizer, config)
-    started = run_server(engine, app, "127.0.0.1", args.port, args.served_model_name,
+    started = run_server(engine, app, bind_socket("127.0.0.1", args.port), args.served_model_name,
                          f"(backend fake {args.step_ms} ms/step, max batch {args.max_batch})")
     return 0 if started else 2
 

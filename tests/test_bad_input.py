@@ -449,6 +449,8 @@ CASES: list[Case] = [
          "--save-outputs: is a directory"),
     # ------------------------------------------------------------------ serve
     Case("serve-port-out-of-range", ["serve", "--model", MODEL, "--port", "70000"], "--port: must be 0..65535"),
+    Case("serve-host-unresolvable", [*SERVE, "--host", "999.1.1.1"], "999.1.1.1: --host: not an address to listen on"),
+    Case("serve-host-not-here", [*SERVE, "--host", "192.0.2.1"], "192.0.2.1: --host: cannot listen here"),
     Case("serve-model-missing", ["serve", "--model", "none.bin", "--port", "0"], "none.bin: --model: no such file"),
     Case("serve-context-too-long", [*SERVE, "--context", "5000"], "--context: 5000 exceeds the model's maximum"),
     Case("serve-max-batch-zero", [*SERVE, "--max-batch", "0"], "--max-batch: must be >= 1"),
@@ -654,3 +656,20 @@ def test_export_removes_what_a_killed_export_left(ws, tmp_path, monkeypatch):
     (tmp_path / ".other.abc.tmp").write_text("not graphc's")
     assert main(["export", "--model", str(ws / "model.bin"), "--out", "m.onnx"]) == 0
     assert not (tmp_path / ".m.onnx.k1ll3d.tmp").exists() and (tmp_path / ".other.abc.tmp").exists()
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import socket
+
+    def no_model(*a, **k):
+        raise AssertionError("the port is checked before the model loads")
+
+    monkeypatch.setattr("graphc.models.load.load_model", no_model)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        rc = main(["serve", "--model", MODEL, "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: 127.0.0.1:{port}: --port: address already in use (another server? pick " \
+                              "another --port, or 0 for a free one)\n", err

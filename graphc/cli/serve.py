@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import socket
 import sys
 
 from graphc.cli.common import add_model_args, add_precision_arg, positive
@@ -43,31 +45,55 @@ def run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise GraphcError(None, f"must be 0..65535, got {args.port}", "--port")
-    params = load_model(args.model, args.seed)
-    cfg = params.cfg
-    context = args.context or cfg.max_seq_len
-    if context > cfg.max_seq_len:
-        raise GraphcError(None, f"{context} exceeds the model's maximum sequence length {cfg.max_seq_len}", "--context")
-    tokenizer = Tokenizer()
-    backend = get_backend(args.backend)()
-    decoder = backend.decoder(backend.upload_params(params),
-                              DecodeSpec(args.max_batch, context, args.precision, not args.no_opt))
-    engine = Engine(decoder, eot=tokenizer.eot, max_queue=args.max_queue)
-    name = args.served_model_name or args.model
-    config = ServerConfig(model_name=name, context=context, vocab_size=cfg.vocab_size, max_batch=args.max_batch,
-                          api_key=args.api_key or os.environ.get("GRAPHC_API_KEY") or None)
-    app = build_app(engine, tokenizer, config)
+    sock = bind_socket(args.host, args.port)      # before the model loads: a taken port is found at once
+    with sock:                                   # closed on every way out
+        params = load_model(args.model, args.seed)
+        cfg = params.cfg
+        context = args.context or cfg.max_seq_len
+        if context > cfg.max_seq_len:
+            raise GraphcError(None, f"{context} exceeds the model's maximum sequence length {cfg.max_seq_len}", "--context")
+        tokenizer = Tokenizer()
+        backend = get_backend(args.backend)()
+        decoder = backend.decoder(backend.upload_params(params),
+                                  DecodeSpec(args.max_batch, context, args.precision, not args.no_opt))
+        engine = Engine(decoder, eot=tokenizer.eot, max_queue=args.max_queue)
+        name = args.served_model_name or args.model
+        config = ServerConfig(model_name=name, context=context, vocab_size=cfg.vocab_size, max_batch=args.max_batch,
+                              api_key=args.api_key or os.environ.get("GRAPHC_API_KEY") or None)
+        app = build_app(engine, tokenizer, config)
 
-    banner = f"(backend {backend.name}, max batch {args.max_batch})"
-    if not run_server(engine, app, args.host, args.port, name, banner):
-        raise GraphcError(None, f"could not listen on {args.host}:{args.port} (in use, or not an address here)",
-                          "--port")
+        banner = f"(backend {backend.name}, max batch {args.max_batch})"
+        if not run_server(engine, app, sock, name, banner):
+            raise GraphcError(None, f"could not listen on {args.host}:{args.port}", "--port")
     print("stopped", file=sys.stderr)
     return 0
 
 
-def run_server(engine, app, host: str, port: int, name: str, banner: str) -> bool:
-    """Start ``engine``, serve ``app`` with uvicorn until SIGINT/SIGTERM, stop the engine.
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a host that does not resolve or is not this machine's,
+    or a port in use, is one line (uvicorn would log it and exit 3 after the model loaded)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise GraphcError(host, f"not an address to listen on ({e.strerror})", "--host") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise GraphcError(f"{host}:{port}", "address already in use (another server? pick another --port, "
+                                                "or 0 for a free one)", "--port") from None
+        raise GraphcError(host, f"cannot listen here ({e.strerror})", "--host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(engine, app, sock: socket.socket, name: str, banner: str) -> bool:
+    """Start ``engine``, serve ``app`` with uvicorn on ``sock`` (:func:`bind_socket`) until
+    SIGINT/SIGTERM, stop the engine.
 
     Prints ``serving NAME on http://HOST:PORT BANNER`` once listening (what clients and the
     tests read the port from). Returns whether it ever listened."""
@@ -96,10 +122,9 @@ def run_server(engine, app, host: str, port: int, name: str, banner: str) -> boo
             await super().shutdown(sockets)
 
     engine.start()
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                   timeout_graceful_shutdown=5))
+    server = Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         engine.stop()
     return bool(server.started)
