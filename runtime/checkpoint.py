@@ -72,6 +72,32 @@ def save(out: Path, step: int, params: Params, m: np.ndarray, v: np.ndarray, sta
     return folder
 
 
+def retract(out: Path, step: int) -> Path | None:
+    """The weights of step ``step`` gave a non-finite loss: if ``latest`` names that step's
+    checkpoint (finite weights, so it was written, but useless to resume from), point
+    ``latest`` and ``DIR/model.bin`` back to the newest checkpoint before it. Returns the
+    checkpoint a resume now starts from, or None when there is none (``latest`` and
+    ``DIR/model.bin`` are then removed; the diverged folder stays, for inspection)."""
+    try:
+        current = latest_folder(out)
+    except GraphcError:
+        return None
+    if current.name != f"ckpt-{step:06d}":
+        return current                      # an earlier step's weights: their loss was finite
+    earlier = [f for f in folders(out) if f.name < current.name]
+    if not earlier:
+        for name in ("latest", "model.bin"):
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
+        return None
+    good = earlier[-1]
+    with atomic_write(out / "latest", "w") as f:
+        f.write(good.name + "\n")
+    with atomic_write(out / "model.bin") as f, open(good / "model.bin", "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 24)
+    return good
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -189,7 +189,7 @@ class Trainer:
             self.loader_state = self.train_loader.state()
             self.prefetched = self.next_batches()
         loss = self.program.wait().loss
-        require_finite_loss(loss, self.step, self.out)   # before anything is saved from these weights
+        require_finite_loss(loss, self.step, self.out if self.rank == 0 else None)   # before anything is saved
         ms = (time.perf_counter() - t0) * 1000
         self.emit(f"step {self.step}: train loss {loss:.6f} (took {ms:.1f} ms)")
         self.log.add("train", self.step, loss, lr, ms)
@@ -238,12 +238,18 @@ class Trainer:
 
 
 def require_finite_loss(loss: float, step: int, out: Path | None) -> None:
-    """Stop before a non-finite loss reaches the weights: the last checkpoint stays the last good one."""
+    """Stop before a non-finite loss reaches the weights, and leave ``--resume`` a checkpoint
+    whose weights gave a finite loss (:func:`checkpoint.retract`)."""
     if np.isfinite(loss):
         return
     kept = ""
-    if out is not None and (out / "latest").exists():
-        kept = f"; the last good checkpoint is kept ({out / (out / 'latest').read_text().strip()})"
+    if out is not None:
+        good = checkpoint.retract(out, step)
+        diverged = out / f"ckpt-{step:06d}"
+        if good is not None:
+            kept = f"; the last good checkpoint is {good} (--resume starts there)"
+        elif diverged.is_dir():
+            kept = f"; no checkpoint of this run gives a finite loss ({diverged} holds the weights that gave it)"
     raise GraphcError(out or "train", f"the loss became {loss} at step {step}; training stopped{kept} "
                       "(try a lower --lr or --grad-clip 1)", "loss")
 
