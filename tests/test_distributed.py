@@ -164,3 +164,20 @@ def test_launcher_world_size_must_agree_with_gpus(tmp_path, capsys, monkeypatch)
                  "--backend", "cuda", "--gpus", "2"])
     assert code == 2
     assert "--gpus 2 disagrees with the launcher's world size 4" in capsys.readouterr().err
+
+
+def test_gpus_checks_the_backend_once_before_any_worker_starts(tmp_path, capsys, monkeypatch):
+    """No GPU here: one line from the launcher, not one per worker plus the supervisor's."""
+    from graphc.cli.main import main
+    from graphc.runtime import distributed
+
+    def no_workers(*a, **k):
+        raise AssertionError("workers were started")
+
+    monkeypatch.setattr(distributed, "supervise", no_workers)
+    monkeypatch.setattr("graphc.backends.cuda.CudaBackend.available",
+                        classmethod(lambda cls: (False, "no CUDA driver")), raising=False)
+    code = main(["train", "--model", "L2H2C32", "--train-data", str(tmp_path / "x.bin"), "--steps", "1",
+                 "--backend", "cuda", "--gpus", "2"])
+    assert code == 2
+    assert capsys.readouterr().err == "error: cuda: --backend: backend is not available here: no CUDA driver\n"

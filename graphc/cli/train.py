@@ -74,6 +74,10 @@ def run(args) -> int:
         raise GraphcError("--zero", "ZeRO-1 shards the optimizer state across GPUs: it needs --gpus 2 or more",
                           "--gpus")
     if ranks is None and world > 1:  # this process is the launcher: one worker per GPU
+        from graphc.backends import get_backend
+
+        get_backend(args.backend)    # what every worker would find wrong, said once, before any starts
+        check_outputs(args)
         return distributed.supervise([sys.executable, "-m", "graphc", *args.argv], world)
     parallel = None
     if ranks is not None and ranks.world > 1:
