@@ -236,7 +236,7 @@ def decode_case(params, B: int, T: int, *, seed: int = 0) -> Case:
 
     cfg = params.cfg
     if T < 2:
-        raise GraphcError("-t", f"decode needs a cache of at least 2 slots, got {T}", "T")
+        raise GraphcError(None, f"decode needs a cache of at least 2 slots, got {T}", "-t")
     rng = np.random.default_rng(seed)
     past_len = rng.integers(T // 2, T, size=B, dtype=np.int64)
     feeds = {"tokens": rng.integers(0, cfg.vocab_size, (B, 1), dtype=np.int64), "past_len": past_len}

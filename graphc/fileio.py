@@ -63,9 +63,9 @@ def open_input(path: str | os.PathLike, what: str) -> BinaryIO:
     """Open a file for reading, turning a missing file into a one-line error."""
     path = Path(path)
     if not path.exists():
-        raise GraphcError(path, f"{what} not found")
+        raise GraphcError(path, "not found", what)
     if path.is_dir():
-        raise GraphcError(path, f"{what} is a directory, expected a file")
+        raise GraphcError(path, "is a directory, expected a file", what)
     return open(path, "rb")
 
 

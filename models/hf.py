@@ -68,12 +68,12 @@ def read_gpt2_config(cfg_path: Path) -> dict:
     try:
         meta = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GraphcError(cfg_path, f"unreadable config ({e.__class__.__name__})") from None
+        raise GraphcError(cfg_path, f"unreadable ({e.__class__.__name__})", "config") from None
     if not isinstance(meta, dict):
-        raise GraphcError(cfg_path, f"is a JSON {type(meta).__name__}, expected an object")
+        raise GraphcError(cfg_path, f"is a JSON {type(meta).__name__}, expected an object", "config")
     problem = gpt2_config_problem(meta)
     if problem:
-        raise GraphcError(cfg_path, problem)
+        raise GraphcError(cfg_path, problem, "config")
     return meta
 
 

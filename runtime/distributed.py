@@ -100,8 +100,8 @@ class DataParallel:
     def connect(self, backend, timeout: float = 120.0) -> None:
         """Rank 0 makes the backend's communicator id; the rendezvous shares it; every rank joins."""
         if not hasattr(backend, "communicator"):
-            raise GraphcError("--gpus", f"data-parallel training needs the CUDA backend (NCCL); "
-                              f"--backend {backend.name} runs on one device", "--backend")
+            raise GraphcError(None, f"data-parallel training needs the CUDA backend (NCCL); "
+                              f"--backend {backend.name} runs on one device", "--gpus")
         uid = rendezvous(self.ranks, backend.communicator_id if self.rank == 0 else None, timeout)
         self.comm = backend.communicator(self.rank, self.world, uid)
 
@@ -206,7 +206,7 @@ def supervise(command: list[str], world: int, *, env: dict | None = None, grace:
                 rank, code = failed[0]
                 _stop_all(procs, grace)
                 why = f"signal {-code}" if code < 0 else f"status {code}"
-                log(f"error: --gpus: rank {rank} exited with {why}; stopped the other "
+                log(f"error: graphc train: --gpus: rank {rank} exited with {why}; stopped the other "
                     f"{world - 1} rank{'s' if world > 2 else ''}")
                 return code if code > 0 else 1
             if all(c == 0 for c in codes):

@@ -87,7 +87,7 @@ class Trainer:
         self.sampler = sampler
         cfg = params.cfg
         if config.T > cfg.max_seq_len:
-            raise GraphcError("-t", f"sequence length {config.T} exceeds the model's maximum {cfg.max_seq_len}", "T")
+            raise GraphcError(None, f"sequence length {config.T} exceeds the model's maximum {cfg.max_seq_len}", "-t")
         # llm.c's sharded loader: each rank reads its B rows of every global batch of world * B
         self.train_loader = TokenLoader(train_data, config.B, config.T, shuffle=config.shuffle, seed=config.seed,
                                         vocab_size=cfg.vocab_size, process_rank=self.rank,
@@ -125,7 +125,7 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def resume(self) -> None:
         if self.out is None:
-            raise GraphcError("--resume", "needs --out DIR holding the run to continue")
+            raise GraphcError(None, "needs --out DIR holding the run to continue", "--resume")
         params, m, v, state = checkpoint.load(self.out)
         if params.cfg != self.params.cfg:
             raise GraphcError(self.out, f"checkpoint model ({params.cfg.describe()}) differs from --model "

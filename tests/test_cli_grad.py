@@ -109,12 +109,12 @@ def test_grad_cli_bad_names(model_path, tmp_path, capsys, args, message):
 def test_grad_cli_bad_files(tmp_path, capsys):
     out = tmp_path / "train.onnx"
     assert main(["grad", str(tmp_path / "missing.onnx"), "--loss", "l", "--wrt", "w", "--out", str(out)]) == 2
-    assert "model not found" in capsys.readouterr().err
+    assert "model: not found" in capsys.readouterr().err
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00\xffthis is not a protobuf at all" * 10)
     assert main(["grad", str(junk), "--loss", "l", "--wrt", "w", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{junk}: not" in err
+    assert err.count("\n") == 1 and f"{junk}: model: not" in err
     assert not out.exists()
 
 

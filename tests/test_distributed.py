@@ -95,7 +95,7 @@ def test_a_failing_rank_stops_the_others_within_seconds(tmp_path):
     code = D.supervise(cmd, 2, grace=1.0, log=lines.append)
     assert time.monotonic() - t0 < 10
     assert code == 3
-    assert lines == ["error: --gpus: rank 1 exited with status 3; stopped the other 1 rank"]
+    assert lines == ["error: graphc train: --gpus: rank 1 exited with status 3; stopped the other 1 rank"]
     assert not (tmp_path / "finished").exists()
 
 
@@ -103,7 +103,7 @@ def test_a_killed_rank_is_reported_by_its_signal(tmp_path):
     cmd = fake_worker(tmp_path, "if rank == 0:\n    os.kill(os.getpid(), 9)\ntime.sleep(60)\n")
     lines = []
     assert D.supervise(cmd, 2, grace=1.0, log=lines.append) == 1
-    assert lines == ["error: --gpus: rank 0 exited with signal 9; stopped the other 1 rank"]
+    assert lines == ["error: graphc train: --gpus: rank 0 exited with signal 9; stopped the other 1 rank"]
 
 
 def test_ctrl_c_stops_every_worker(tmp_path):
@@ -142,7 +142,7 @@ def test_gpus_needs_the_cuda_backend(tmp_path, capsys):
                  "--gpus", "2"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.strip() == ("error: --gpus: --backend: data-parallel training needs --backend cuda (NCCL); "
+    assert err.strip() == ("error: graphc train: --gpus: data-parallel training needs --backend cuda (NCCL); "
                            "onnxruntime runs on one device")
 
 
@@ -163,7 +163,7 @@ def test_launcher_world_size_must_agree_with_gpus(tmp_path, capsys, monkeypatch)
     code = main(["train", "--model", "L2H2C32", "--train-data", str(tmp_path / "x.bin"), "--steps", "1",
                  "--backend", "cuda", "--gpus", "2"])
     assert code == 2
-    assert "--gpus 2 disagrees with the launcher's world size 4" in capsys.readouterr().err
+    assert "--gpus: 2 disagrees with the world size 4 that" in capsys.readouterr().err
 
 
 def test_gpus_checks_the_backend_once_before_any_worker_starts(tmp_path, capsys, monkeypatch):

@@ -147,7 +147,7 @@ def test_killed_rank_stops_the_job_and_resume_continues_bit_for_bit(tmp_path, ze
     stopped_after = time.monotonic() - t0
     lines += rest.splitlines(keepends=True)
     assert sup.returncode != 0
-    assert "error: --gpus: rank 1 exited with signal 9" in err
+    assert "error: graphc train: --gpus: rank 1 exited with signal 9" in err
     print(f"\njob stopped {stopped_after:.1f} s after rank 1 was killed")
     assert stopped_after < 15
     killed, _ = losses("".join(lines))

@@ -375,4 +375,4 @@ def test_export_bf16_kv_cache_and_bad_flags(tmp_path, capsys):
     elem = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
     assert elem["past_key_values.0.key"] == BF16 and elem["present.0.value"] == BF16 and elem["logits"] == FP32
     assert main(["export", "--model", "L1H2C32", "--weights-only", str(tmp_path / "w"), "--precision", "bf16"]) == 2
-    assert capsys.readouterr().err.startswith("error: --weights-only: ")
+    assert capsys.readouterr().err.startswith("error: graphc export: --weights-only: ")

@@ -132,4 +132,4 @@ def test_total_batch_size_accumulates_micro_batches(tmp_path, tiny_shards, capsy
 def test_total_batch_size_must_be_a_multiple_of_the_batch(tmp_path, tiny_shards, capsys):
     code, _, err = _train_cli(capsys, tiny_shards, "L2H2C64", "-b", "2", "--total-batch-size", "48")
     assert code == 2
-    assert err.strip() == "error: --total-batch-size: 48 tokens is not a multiple of B*T = 2*16 = 32"
+    assert err.strip() == "error: graphc train: --total-batch-size: 48 tokens is not a multiple of B*T = 2*16 = 32"

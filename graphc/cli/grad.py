@@ -34,22 +34,23 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX model (with its external data), or raise a one-line GraphcError."""
     path = Path(path)
     if not path.exists():
-        raise GraphcError(path, "model not found")
+        raise GraphcError(path, "not found", "model")
     if path.is_dir():
-        raise GraphcError(path, "is a directory, expected an ONNX model file")
+        raise GraphcError(path, "is a directory, expected an ONNX model file", "model")
     try:
         model = onnx.load(str(path))
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise GraphcError(path, f"not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        raise GraphcError(path, f"not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                          "model")
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
-        raise GraphcError(path, "not an ONNX model (no graph)")
+        raise GraphcError(path, "not an ONNX model (no graph)", "model")
     try:
         if model.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
-        raise GraphcError(path, f"invalid ONNX model: {str(e).strip().splitlines()[0]}") from None
+        raise GraphcError(path, f"invalid ONNX model: {str(e).strip().splitlines()[0]}", "model") from None
     return model
 
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         field = {"loss": "--loss", "wrt": "--wrt"}.get(e.field or "", e.field)
         raise GraphcError(args.model, e.message, field) from None
     except NotImplementedError as e:
-        raise GraphcError(args.model, str(e)) from None
+        raise GraphcError(args.model, str(e), "model") from None
     save_model(train, args.out)
     forward_values = {o for n in model.graph.node for o in n.output if o}
     n_forward = sum(1 for n in train.graph.node if any(o in forward_values for o in n.output))

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from graphc.versions import check_versions
 
     previous = _install(signal.SIGTERM, _terminate)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher re-runs per worker
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         check_versions()
         return int(args._module.run(args) or 0)
     except GraphcError as e:
+        if e.where is None and args is not None:    # a flag's error: the command stands for <file>
+            e.where = f"graphc {args.command}"
         return _fail(e)
     except BrokenPipeError:
         return 0

@@ -65,14 +65,14 @@ def run(args) -> int:
     ranks = distributed.ranks_from_env()
     world = ranks.world if ranks is not None else args.gpus
     if world > 1 and args.backend != "cuda":
-        raise GraphcError("--gpus", f"data-parallel training needs --backend cuda (NCCL); {args.backend} runs on "
-                          "one device", "--backend")
+        raise GraphcError(None, f"data-parallel training needs --backend cuda (NCCL); {args.backend} runs on "
+                          "one device", "--gpus")
     if ranks is not None and args.gpus > 1 and args.gpus != ranks.world:
-        raise GraphcError("--gpus", f"--gpus {args.gpus} disagrees with the launcher's world size {ranks.world}",
-                          ranks.launcher)
+        raise GraphcError(None, f"{args.gpus} disagrees with the world size {ranks.world} that {ranks.launcher} "
+                                "gives", "--gpus")
     if args.zero and world == 1:
-        raise GraphcError("--zero", "ZeRO-1 shards the optimizer state across GPUs: it needs --gpus 2 or more",
-                          "--gpus")
+        raise GraphcError(None, "ZeRO-1 shards the optimizer state across GPUs: it needs --gpus 2 or more",
+                          "--zero")
     if ranks is None and world > 1:  # this process is the launcher: one worker per GPU
         from graphc.backends import get_backend
 

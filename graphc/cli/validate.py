@@ -25,10 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from graphc.backends import get_backend
     from graphc.models.debug_state import read_debug_state
     from graphc.models.load import load_model
     from graphc.runtime.validate import validate
 
+    get_backend(args.backend)            # an unusable backend is the only line, before any output
     params = load_model(args.model, args.seed)
     state = read_debug_state(args.state, params.cfg)
     print(f"state: B={state.B} T={state.T}; model: {params.cfg.describe()}")

@@ -45,10 +45,10 @@ def cached_download(url: str, filename: str, *, sha256: str | None = None, timeo
                 # Raised inside the atomic write, so the bad download never reaches ``path``.
                 raise _HashMismatch(h.hexdigest())
     except _HashMismatch as e:
-        raise GraphcError(url, f"downloaded file has sha256 {e.args[0]}, expected {sha256}; not cached") from None
+        raise GraphcError(url, f"downloaded file has sha256 {e.args[0]}, expected {sha256}; not cached", "download") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise GraphcError(url, f"download failed ({reason}); if offline, place the file at {path} yourself") from None
+        raise GraphcError(url, f"download failed ({reason}); if offline, place the file at {path} yourself", "download") from None
     return path
 
 

@@ -82,20 +82,20 @@ def prepare_tinyshakespeare(
     input_path = Path(input_path)
     out_dir = Path(out_dir)
     if val_tokens <= 0:
-        raise GraphcError(None, f"--val-tokens must be positive, got {val_tokens}")
+        raise GraphcError(None, f"must be positive, got {val_tokens}", "--val-tokens")
     if not input_path.is_file():
-        raise GraphcError(input_path, "input text not found" if not input_path.exists() else "input is not a file")
+        raise GraphcError(input_path, "input text not found" if not input_path.exists() else "input is not a file", "--input")
     try:
         # Universal newlines and UTF-8, as llm.c's open(..., 'r').read() on a UTF-8 system.
         text = input_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise GraphcError(input_path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise GraphcError(input_path, f"not UTF-8 text ({e.reason} at byte {e.start})", "--input") from None
     encoding = load_gpt2_encoding(tokenizer_dir)
     tokens = tokenize_tinyshakespeare(text, encoding)
     if len(tokens) <= val_tokens:
         raise GraphcError(
-            input_path, f"text gives {len(tokens)} tokens, not more than the {val_tokens} validation tokens; nothing left to train on"
-        )
+            input_path, f"text gives {len(tokens)} tokens, not more than the {val_tokens} validation tokens; nothing left to train on",
+            "--val-tokens")
     val, train = tokens[:val_tokens], tokens[val_tokens:]
     val_path, train_path, tok_path = out_dir / VAL_FILENAME, out_dir / TRAIN_FILENAME, out_dir / TOKENIZER_FILENAME
     write_shard(val_path, val)

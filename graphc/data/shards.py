@@ -71,9 +71,9 @@ def read_shard_header(path: str | os.PathLike) -> int:
     """
     path = Path(path)
     if not path.exists():
-        raise GraphcError(path, "token shard not found")
+        raise GraphcError(path, "not found", "token shard")
     if path.is_dir():
-        raise GraphcError(path, "token shard is a directory, expected a file")
+        raise GraphcError(path, "is a directory, expected a file", "token shard")
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(HEADER_BYTES)
@@ -126,11 +126,11 @@ def shard_paths(glob_or_path: str | os.PathLike) -> list[Path]:
     if re.search(r"[*?\[]", text) and not Path(text).exists():
         matches = sorted(_glob.glob(text))
         if not matches:
-            raise GraphcError(text, "no files match")
+            raise GraphcError(text, "no files match", "token shards")
         return [Path(m) for m in matches]
     path = Path(text)
     if not path.exists():
-        raise GraphcError(path, "no files match")
+        raise GraphcError(path, "no files match", "token shards")
     return [path]
 
 
@@ -192,15 +192,15 @@ class TokenLoader:
         vocab_size: int | None = None,
     ):
         if B <= 0 or T <= 0:
-            raise GraphcError(None, f"batch size B={B} and sequence length T={T} must be positive")
+            raise GraphcError(None, f"batch size B={B} and sequence length T={T} must be positive", "-b/-t")
         if not 0 <= process_rank < num_processes:
-            raise GraphcError(None, f"process_rank {process_rank} must be in [0, {num_processes})")
+            raise GraphcError(None, f"process_rank {process_rank} must be in [0, {num_processes})", "rank")
         if isinstance(shards, (str, os.PathLike)):
             self.paths = shard_paths(shards)
         else:
             self.paths = [Path(p) for p in shards]
             if not self.paths:
-                raise GraphcError(None, "no token shards given")
+                raise GraphcError(None, "no token shards given", "token shards")
         self.B, self.T = int(B), int(T)
         self.process_rank, self.num_processes = int(process_rank), int(num_processes)
         self.shuffle = bool(shuffle)

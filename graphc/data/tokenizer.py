@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,16 @@ _HOW_TO_FIX = (
     "set TIKTOKEN_CACHE_DIR to a tiktoken cache holding the gpt2 files, or pass "
     "--tokenizer-dir / set GRAPHC_TOKENIZER_DIR to a directory with OpenAI's vocab.bpe and encoder.json"
 )
+
+
+def _short_reason(e: Exception) -> str:
+    """Why tiktoken failed, in a few words: a failed download's urllib3 chain fills a screen,
+    while the exception's type and the host it could not reach are what a user acts on."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    host = re.search(r"host='([^']+)'", text)
+    if host:
+        return f"{type(e).__name__}: cannot reach {host.group(1)} (offline?)"
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +96,7 @@ def _ranks_from_openai_files(directory: Path) -> dict[bytes, int]:
     encoder_path = directory / "encoder.json"
     for p in (vocab_path, encoder_path):
         if not p.is_file():
-            raise GraphcError(p, "missing; a GPT-2 tokenizer directory needs vocab.bpe and encoder.json")
+            raise GraphcError(p, "missing; a GPT-2 tokenizer directory needs vocab.bpe and encoder.json", "--tokenizer-dir")
     byte_order, byte_of = _data_gym_bytes()
 
     def to_bytes(s: str, where: Path, field: str) -> bytes:
@@ -97,7 +108,7 @@ def _ranks_from_openai_files(directory: Path) -> dict[bytes, int]:
     try:
         merges_text = vocab_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise GraphcError(vocab_path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise GraphcError(vocab_path, f"not UTF-8 text ({e.reason} at byte {e.start})", "vocab.bpe") from None
     # First line is a version comment, last is empty (file ends with a newline).
     ranks = {bytes([b]): i for i, b in enumerate(byte_order)}
     lines = merges_text.split("\n")[1:-1]
@@ -112,9 +123,9 @@ def _ranks_from_openai_files(directory: Path) -> dict[bytes, int]:
     try:
         encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GraphcError(encoder_path, f"not valid JSON: {e}") from None
+        raise GraphcError(encoder_path, f"not valid JSON: {e}", "encoder.json") from None
     if not isinstance(encoder, dict):
-        raise GraphcError(encoder_path, "expected a JSON object mapping token to id")
+        raise GraphcError(encoder_path, "expected a JSON object mapping token to id", "encoder.json")
     from_json = {to_bytes(k, encoder_path, repr(k)): v for k, v in encoder.items() if k not in (ENDOFTEXT, "<|startoftext|>")}
     if from_json != ranks:
         differing = sorted(set(from_json.items()) ^ set(ranks.items()), key=lambda kv: kv[1])
@@ -123,6 +134,7 @@ def _ranks_from_openai_files(directory: Path) -> dict[bytes, int]:
             encoder_path,
             f"does not match {vocab_path.name}: {len(differing)} (token, id) pairs differ"
             + (f", e.g. {example[0]!r} -> {example[1]}" if example else ""),
+            "encoder.json",
         )
     return ranks
 
@@ -133,7 +145,8 @@ def encoding_from_dir(directory: str | os.PathLike) -> "tiktoken.Encoding":  # n
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise GraphcError(directory, "tokenizer directory not found (expected a directory with vocab.bpe and encoder.json)")
+        raise GraphcError(directory, "tokenizer directory not found (expected a directory with vocab.bpe and encoder.json)",
+                          "--tokenizer-dir")
     ranks = _ranks_from_openai_files(directory)
     return tiktoken.Encoding(
         name="gpt2",
@@ -166,8 +179,7 @@ def load_gpt2_encoding(path: str | os.PathLike | None = None) -> "tiktoken.Encod
     except Exception as e:  # network errors, hash mismatches, unwritable cache: all one remedy
         cache = os.environ.get("TIKTOKEN_CACHE_DIR")
         where = f"tiktoken cache {cache}" if cache else "tiktoken"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise GraphcError(where, f"cannot load the gpt2 encoding ({type(e).__name__}: {reason}); {_HOW_TO_FIX}") from None
+        raise GraphcError(where, f"cannot load the gpt2 encoding ({_short_reason(e)}); {_HOW_TO_FIX}", "gpt2") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +213,8 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         for pos, i in enumerate(ids):
             if not 0 <= i < self.vocab_size:
-                raise GraphcError("tokens", f"token id {i} at position {pos} is outside the vocabulary (vocab_size {self.vocab_size})")
+                raise GraphcError(None, f"token id {i} at position {pos} is outside the vocabulary (vocab_size {self.vocab_size})",
+                                  "tokens")
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -243,7 +256,8 @@ class LlmcTokenizer:
         for pos, i in enumerate(ids):
             i = int(i)
             if not 0 <= i < self.vocab_size:
-                raise GraphcError("tokens", f"token id {i} at position {pos} is outside the vocabulary (vocab_size {self.vocab_size})")
+                raise GraphcError(None, f"token id {i} at position {pos} is outside the vocabulary (vocab_size {self.vocab_size})",
+                                  "tokens")
             out.append(self.token_bytes[i])
         return b"".join(out)
 

@@ -126,7 +126,7 @@ class CudaBackend(Backend):
         try:
             import nccl.core  # noqa: F401
         except ImportError:
-            raise GraphcError("--gpus", "nccl4py is not installed (pip install .[gpu])", "--backend") from None
+            raise GraphcError("nccl4py", "not installed (pip install .[gpu])", "--gpus") from None
         self.rt  # the device is current before NCCL picks it up
         return Nccl(rank, world, unique_id)
 

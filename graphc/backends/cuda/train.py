@@ -372,8 +372,8 @@ def data_parallel_gradients(dp, program: Program, grads, n: int, cfg, overlap_st
             program.steps[:overlap_steps] = steps
         return 0, n
     if n % dp.world:
-        raise GraphcError("--zero", f"ZeRO-1 shards the {n} parameters evenly; {n} is not divisible by "
-                          f"{dp.world} GPUs", "--gpus")
+        raise GraphcError(None, f"ZeRO-1 shards the {n} parameters evenly; {n} is not divisible by "
+                          f"{dp.world} GPUs", "--zero")
     size = n // dp.world
     return dp.rank * size, size
 
