@@ -39,6 +39,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
         raise
 
 
+def staging_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A fresh hidden folder in ``parent`` to build the output ``name`` in, renamed into place
+    when complete (:func:`remove_leftovers` finds it if killed). Its mode is what ``mkdir`` would give:
+    ``mkdtemp``'s 0700 would reach the renamed result, and a server running as another user
+    (Triton's) could not read it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from onnx import numpy_helper
 
 from graphc import OPSET
 from graphc.errors import GraphcError
+from graphc.fileio import staging_dir
 from graphc.models.gpt2 import build_forward
 from graphc.models.hf import save_hf
 from graphc.models.kv_cache import build_decoder_with_past
@@ -185,7 +185,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     external = initializer_bytes(model) > external_threshold
     data_name = path.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmpdir = staging_dir(path.parent, path.name)
     try:
         tmp_model = tmpdir / path.name
         if external:

@@ -33,13 +33,13 @@ import importlib.util
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from graphc.errors import GraphcError
+from graphc.fileio import staging_dir
 from graphc.models.params import Params
 
 TEMPLATE_MODULE = "graphc.runtime.triton_model"
@@ -217,7 +217,7 @@ def write_triton_repo(params: Params, out: str | os.PathLike, *, name: str = "gp
     tokenizer_files = _tokenizer_files(tokenizer_dir)
     env_archive = check_env_archive(env_archive)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = staging_dir(out.parent, out.name)
     try:
         notes = []
         python = tmp / name / "1"

@@ -14,6 +14,7 @@ later ones take ~1 minute on 2 cores); ``.ci/run`` runs them.
 
 from __future__ import annotations
 
+import os
 import json
 import re
 import subprocess
@@ -83,6 +84,10 @@ def test_repository_layout(exported):
     assert 'backend: "python"' in config and "decoupled: true" in config
     assert 'key: "context" value: { string_value: "64" }' in config
     assert 'key: "max_batch" value: { string_value: "4" }' in config
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {oct(p.stat().st_mode & 0o777) for p in [repo, *repo.rglob("*")] if p.is_dir()}
+    assert modes == {oct(0o777 & ~umask)}     # as mkdir makes them: a Triton server of another user reads them
 
 
 @requires_shared
