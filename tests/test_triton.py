@@ -14,8 +14,8 @@ later ones take ~1 minute on 2 cores); ``.ci/run`` runs them.
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import re
 import subprocess
 
