@@ -152,8 +152,32 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         reason = reason.split("Assertion `false` failed: ")[-1].replace("$", "")
         raise GraphcError(None, f"cannot express graphc's opset-{OPSET} graph at opset {opset} ({reason}); "
-                          f"graphc's ops need opset 18 or newer", "--opset") from None
+                          f"{_lowest_opset_hint(model, opset)}", "--opset") from None
     return converted
+
+
+def _lowest_opset_hint(model: onnx.ModelProto, opset: int) -> str:
+    """The ops that keep ``model`` above ``opset``, each with the opset it appeared in (a BF16
+    export keeps ONNX ``Attention``, which exists from opset 23)."""
+    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+    ops |= {n.op_type for f in model.functions for n in f.node if n.domain in ("", "ai.onnx")}
+
+    def first_opset(op: str) -> int:
+        for version in range(1, OPSET + 1):
+            try:
+                onnx.defs.get_schema(op, version, "")
+                return version
+            except onnx.defs.SchemaError:
+                continue
+        return OPSET
+
+    since = {op: first_opset(op) for op in sorted(ops)}
+    blocking = {op: v for op, v in since.items() if v > opset}
+    if not blocking:
+        return f"use --opset {OPSET}"
+    lowest = max(blocking.values())
+    return (", ".join(f"{op} exists from opset {v}" for op, v in blocking.items())
+            + f": use --opset {lowest} or newer")
 
 
 # ----------------------------------------------------------------------------- files

@@ -365,6 +365,9 @@ CASES: list[Case] = [
     Case("gen-model-missing", ["generate", "--model", "none.bin", "--prompt-ids", "1"], "no such file"),
     # ------------------------------------------------------------------ export
     Case("export-out-is-dir", [*EXPORT, "--out", "{ws}"], "is a directory"),
+    Case("export-bf16-opset-too-old", [*EXPORT, "--out", "m.onnx", "--precision", "bf16", "--opset", "18"],
+         "--opset: cannot express graphc's opset-24 graph at opset 18 (No Previous Version of Attention exists); "
+         "Attention exists from opset 23, Gelu exists from opset 20: use --opset 23 or newer"),
     Case("export-out-under-file", [*EXPORT, "--out", "{ws}/text.txt/m.onnx"], "is a file, not a directory"),
     Case("export-out-read-only", [*EXPORT, "--out", "m.onnx"], "Permission denied", patch=refuse_probe(errno.EACCES)),
     Case("export-weights-is-file", [*EXPORT, "--weights-only", "{ws}/text.txt"], "exists and is not a directory"),
@@ -464,6 +467,10 @@ CASES: list[Case] = [
     Case("engine-out-is-a-folder", ["engine", "--model", MODEL, "--out", "{ws}"], "--out"),
     Case("engine-max-seq-too-long", [*ENGINE, "--max-seq", "4096"], "--max-seq"),
     Case("engine-max-batch-zero", [*ENGINE, "--max-batch", "0"], "--max-batch: must be >= 1"),
+    Case("engine-max-seq-one", [*ENGINE, "--max-seq", "1"], "error: graphc engine: --max-seq: must be >= 2, got 1"),
+    Case("engine-out-onnx", ["engine", "--model", MODEL, "--out", "e.onnx"], "e.onnx: --out: names an ONNX model"),
+    Case("engine-out-under-file", ["engine", "--model", MODEL, "--out", "{ws}/text.txt/e.plan"],
+         "--out: cannot be created"),
     Case("engine-mode-unknown", [*ENGINE, "--mode", "serve"], "--mode: invalid choice: 'serve'"),
     Case("engine-precision-unknown", [*ENGINE, "--precision", "fp16"], "--precision: invalid choice: 'fp16'"),
     Case("engine-flavor-missing", [*ENGINE, "--trt-flavor", "tensorrt"], "--trt-flavor"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from graphc.cli.common import positive
+from graphc.cli.common import int_at_least, positive
 from graphc.errors import GraphcError
 
 HELP = "build a TensorRT engine (BF16 or FP32, fused attention) for inference, KV-cache prefill/decode or training"
@@ -40,21 +40,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="infer: tokens -> logits; prefill / decode: the KV-cache graphs (cache as engine I/O); "
                         "train: loss and every parameter gradient (default infer)")
     p.add_argument("--max-batch", type=positive("--max-batch"), default=16, help="largest batch (default 16)")
-    p.add_argument("--max-seq", type=positive("--max-seq"), default=1024,
-                   help="longest sequence, and the KV-cache capacity (default 1024)")
+    p.add_argument("--max-seq", type=int_at_least("--max-seq", 2), default=1024,
+                   help="longest sequence, and the KV-cache capacity (at least 2; default 1024)")
     p.add_argument("--trt-flavor", choices=CHOICES, default="auto",
                    help="datacenter TensorRT (tensorrt), TensorRT for RTX (rtx), or auto: tensorrt if installed")
 
 
 def check_out_path(path: Path) -> None:
-    """Refuse an output we could not write, before any work."""
-    if path.is_dir():
-        raise GraphcError(path, "is a directory, expected an engine file path", "--out")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise GraphcError(path, f"{parent} is not a directory", "--out")
+    """Refuse an output we could not write, or one named like an ONNX model, before any work."""
+    from graphc.outputs import check_output_file
+
+    if path.suffix.lower() == ".onnx":
+        raise GraphcError(path, "names an ONNX model; an engine is a serialized plan (e.g. model.plan)", "--out")
+    check_output_file(path, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
