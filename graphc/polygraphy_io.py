@@ -115,7 +115,8 @@ def load_results(path: str | Path, flag: str = "--load-outputs") -> dict[str, di
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GraphcError(path, f"not Polygraphy inference results ({first})", flag) from None
     if not isinstance(run_results, comparator.RunResults):
-        raise GraphcError(path, f"not Polygraphy inference results (holds a {type(run_results).__name__})", flag)
+        raise GraphcError(path, f"not Polygraphy inference results (it holds an object of type {type(run_results).__name__}; "
+                                "Polygraphy inputs files hold a list)", flag)
     runs: dict[str, dict[str, np.ndarray]] = {}
     for name, iterations in run_results.items():
         if len(iterations) != 1:

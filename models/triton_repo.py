@@ -239,7 +239,9 @@ def write_triton_repo(params: Params, out: str | os.PathLike, *, name: str = "gp
         export_onnx(params, onnx_dir / "model.onnx", kv_cache=True, precision=precision)
         exported = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
         (onnx_dir.parent / "config.pbtxt").write_text(step_config(f"{name}_onnx", exported, "onnxruntime_onnx"))
-        notes.append(f"{name}_onnx: onnxruntime backend (KV-cache decoder-with-past)")
+        notes.append(f"{name}_onnx: onnxruntime backend (KV-cache decoder-with-past)"
+                     + ("; BF16: onnxruntime's CPU execution provider has no BF16 kernels for it, so give it a "
+                        "GPU instance (KIND_GPU, CUDA execution provider)" if precision == "bf16" else ""))
 
         if plan:
             engine, why = build_plan(onnx_dir / "model.onnx", max_batch=max_batch, context=context)

@@ -191,3 +191,29 @@ def test_the_graph_saved_for_tensorrt_is_the_one_its_backend_builds(capsys, tmp_
     saved = onnx.load(str(path))
     assert saved.graph == expected.graph
     assert onnx.TensorProto.BFLOAT16 in {v.type.tensor_type.elem_type for v in saved.graph.input}
+
+
+def test_loaded_runs_from_other_inputs_fail_with_a_note_and_one_backend_suffices(capsys, tmp_path):
+    path = tmp_path / "out.json"
+    code, _, _ = cli(capsys, "--mode", "infer", "--backends", "onnxruntime,reference", "-t", "8",
+                     "--save-outputs", str(path))
+    assert code == 0
+    code, out, err = cli(capsys, "--mode", "infer", "--backends", "onnxruntime", "-t", "8",
+                         "--load-outputs", str(path), str(path))       # one flag, several files
+    lines = out.splitlines()
+    assert code == 0 and lines[-1] == "PASS", out + err
+    runs = [line.split(": ")[0] for line in lines if ": loss: " in line]
+    assert runs == [f"{path}:onnxruntime", "reference", f"{path}:onnxruntime #2", f"{path}:reference"]
+    code, out, err = cli(capsys, "--mode", "infer", "--backends", "onnxruntime", "-t", "8", "--seed", "3",
+                         "--load-outputs", str(path))
+    lines = out.splitlines()
+    assert code == 1 and lines[-1].startswith("FAIL: ") and lines[-2].startswith("note: runs from --load-outputs "
+                                                                              "compare only when they ran on the "
+                                                                              "same inputs"), out
+
+
+def test_save_for_a_backend_without_that_graph_is_one_line(capsys, tmp_path):
+    code, out, err = cli(capsys, "--mode", "decode", "--backends", "onnxruntime,reference", "-t", "8",
+                         "--save-for", "cuda", "--save-model", str(tmp_path / "c.onnx"))
+    assert code == 2 and out == "" and err.startswith("error: cuda: --save-for: has no decode graph to save ("), err
+    assert not (tmp_path / "c.onnx").exists()

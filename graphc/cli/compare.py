@@ -19,6 +19,7 @@ more runs, compared with the first backend like the others.
 from __future__ import annotations
 
 import argparse
+import itertools
 
 from graphc.backends import REGISTRY
 from graphc.cli.common import add_model_args, add_precision_arg, check_seq_len, positive
@@ -50,18 +51,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the inputs, in that graph's dtypes, as a Polygraphy inputs file (--load-inputs)")
     g.add_argument("--save-outputs", metavar="FILE.json",
                    help="write every backend's outputs as Polygraphy RunResults")
-    g.add_argument("--load-outputs", metavar="FILE.json", action="append", default=[],
+    g.add_argument("--load-outputs", metavar="FILE.json", action="extend", nargs="+", default=[],
                    help="Polygraphy RunResults (polygraphy run --save-outputs) to compare too, each runner one "
                         "more run against the first backend; repeatable")
 
 
-def parse_backends(text: str) -> list[str]:
+def parse_backends(text: str, loaded: int = 0) -> list[str]:
+    """The backends to run; with ``loaded`` runs from --load-outputs one backend is enough."""
     from graphc.backends import get_backend
 
     names = [n.strip() for n in text.split(",") if n.strip()]
-    if len(names) < 2:
-        raise GraphcError(text, "name at least two backends, comma-separated (e.g. onnxruntime,reference)",
-                          "--backends")
+    if not names or len(names) + min(loaded, 1) < 2:
+        raise GraphcError(text, "name at least two backends, comma-separated (e.g. onnxruntime,reference), "
+                                "or one and --load-outputs", "--backends")
     for name in names:
         if names.count(name) > 1:
             raise GraphcError(name, "backend named twice", "--backends")
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from graphc.polygraphy_io import load_results
     from graphc.precision import get_precision
 
-    backends = parse_backends(args.backends)
+    backends = parse_backends(args.backends, len(args.load_outputs))
     save_for = args.save_for or backends[0]
     if save_for not in REGISTRY:
         raise GraphcError(save_for, f"unknown backend (known: {', '.join(REGISTRY)})", "--save-for")
@@ -94,17 +96,24 @@ def run(args: argparse.Namespace) -> int:
     loaded = {}                 # bad files are reported before any work
     for path in args.load_outputs:
         for runner, outputs in load_results(path).items():
-            label = runner if runner not in loaded and runner not in backends else f"{path}:{runner}"
+            taken = lambda name: name in loaded or name in backends   # noqa: E731
+            label = runner if not taken(runner) else f"{path}:{runner}"
+            if taken(label):
+                label = next(f"{label} #{i}" for i in itertools.count(2) if not taken(f"{label} #{i}"))
             loaded[label] = outputs
     dtype = get_precision(args.precision).compute
     tol = tolerance(dtype)
     params = load_model(args.model, args.seed)
     check_seq_len(params.cfg, args.T)
+    case = gpt2_case(params, args.mode, args.B, args.T, seed=args.seed)
+    graphs = {name: case.graph(backend=name, precision=args.precision, opt=not args.no_opt) for name in backends}
+    if save_for not in graphs:
+        try:
+            graphs[save_for] = case.graph(backend=save_for, precision=args.precision, opt=not args.no_opt)
+        except GraphcError as e:   # e.g. no decode graph for cuda: its decoder is graphc's own kernels
+            raise GraphcError(save_for, f"has no {args.mode} graph to save ({e.message})", "--save-for") from None
     print(f"model: {params.cfg.describe()}; mode {args.mode}, B={args.B} T={args.T}, {args.precision}; "
           f"tolerance: max abs <= {tol.atol:.0e} + {tol.rtol:.0e} * max |{backends[0]}|")
-    case = gpt2_case(params, args.mode, args.B, args.T, seed=args.seed)
-    graphs = {name: case.graph(backend=name, precision=args.precision, opt=not args.no_opt)
-              for name in dict.fromkeys([*backends, save_for])}
     save_graph_files(args, graphs[save_for], case.feeds, save_for)
     results = run_gpt2(case, backends, graphs=graphs)
     if args.save_outputs:
@@ -119,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
     if result.ok:
         print("PASS")
         return 0
+    if any(d.run in loaded for d in result.diffs if not d.ok):
+        print("note: runs from --load-outputs compare only when they ran on the same inputs: the same --model, "
+              "--mode, -b, -t, --seed and --precision (and --save-for) as the --save-inputs that fed them")
     shown = result.failed[:5] + ([f"... {len(result.failed) - 5} more"] if len(result.failed) > 5 else [])
     print(f"FAIL: {', '.join(shown)} outside tolerance against {result.reference}")
     return 1

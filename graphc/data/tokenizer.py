@@ -171,7 +171,7 @@ def load_gpt2_encoding(path: str | os.PathLike | None = None) -> "tiktoken.Encod
         try:
             return encoding_from_dir(env_dir)
         except GraphcError as e:
-            raise GraphcError(e.where, f"{e.message} (from GRAPHC_TOKENIZER_DIR)", e.field) from None
+            raise GraphcError(e.where, e.message, "GRAPHC_TOKENIZER_DIR") from None
     try:
         import tiktoken
 
