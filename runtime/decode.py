@@ -221,7 +221,10 @@ class GraphDecoder(Decoder):
         running = {slot: seq for slot, seq in self.seqs.items() if slot not in held}
         if not running:
             return held
-        k = max(self.seqs) + 1
+        # at least two rows: onnxruntime's CPU GEMMs take another path for a single row, whose
+        # last bits differ, and a sequence must get the same logits alone as in any batch
+        # (rows of free slots write only their own, unused cache position 0)
+        k = max(max(self.seqs) + 1, min(2, self.spec.slots))
         tokens = np.zeros((k, 1), dtype=np.int64)
         past_len = np.zeros(k, dtype=np.int64)
         for slot, seq in self.seqs.items():
