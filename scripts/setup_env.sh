@@ -14,6 +14,13 @@ _graphc_setup() {
     . "$ROOT/.venv/bin/activate" || return 1
     extras="${1:-plot}"
     stamp="$ROOT/.venv/.graphc-installed-$(echo "$extras" | tr ',' '-')"
+    if [ -z "${1:-}" ]; then
+        # no extras asked for: any earlier install that includes plot will do (test.sh's does)
+        local s
+        for s in "$ROOT"/.venv/.graphc-installed-*plot*; do
+            if [ -f "$s" ] && [ ! "$ROOT/pyproject.toml" -nt "$s" ]; then stamp="$s"; break; fi
+        done
+    fi
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
         echo "setting up $ROOT/.venv (graphc[$extras]) ..." >&2
         log="$ROOT/.venv/install.log"
