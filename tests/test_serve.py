@@ -136,6 +136,36 @@ def test_n_choices_and_list_prompts(server):
     assert body["usage"]["completion_tokens"] == 16
 
 
+def test_prompt_tokens_count_each_prompt_once_whatever_n(server):
+    from graphc.data.tokenizer import Tokenizer
+
+    hi = len(Tokenizer().encode("hi"))
+    before = server.metric("graphc_prompt_tokens_total")
+    client = server.client()
+    assert client.completions.create(model=MODEL, prompt="hi", n=3, max_tokens=2).usage.prompt_tokens == hi
+    chunks = list(client.completions.create(model=MODEL, prompt=[[1, 2], [3, 4, 5]], n=2, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == 5 and chunks[-1].usage.completion_tokens == 8
+    assert server.metric("graphc_prompt_tokens_total") - before == hi + 5
+
+
+def test_a_request_the_queue_can_never_hold_is_not_a_rate_limit(server):
+    """429 makes the openai client retry, and no retry can fit 136 sequences into 128."""
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().completions.create(model=MODEL, prompt=["a"] * 17, n=8, max_tokens=1)
+    assert "128" in info.value.body["message"] and info.value.body["param"] == "n"
+
+
+def test_null_fields_mean_their_defaults(server):
+    r = server.post({"model": MODEL, "prompt": "a", "max_tokens": None, "n": None, "top_k": None, "top_p": None,
+                     "logit_bias": None, "suffix": None, "best_of": None, "frequency_penalty": None,
+                     "presence_penalty": None, "stop": None, "seed": None, "logprobs": None, "echo": None,
+                     "temperature": None, "stream": None, "stream_options": None, "user": None})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] in range(1, 17)
+
+
 def test_stop_strings_cut_the_text(server):
     base = server.post({"model": MODEL, "prompt": "x", "max_tokens": 20, "temperature": 0}).json()["choices"][0]["text"]
     stop = base[3:6]
@@ -179,6 +209,13 @@ BAD = [
     ({"model": MODEL, "prompt": "a", "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": "a", "seed": -3}, 400, "seed"),
     ({"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": MODEL, "prompt": "a", "logit_bias": {"50256": -100}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "a", "presence_penalty": 1}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "a", "suffix": "end"}, 400, "suffix"),
+    ({"model": MODEL, "prompt": "a", "best_of": 3}, 400, "best_of"),
+    ({"model": MODEL, "prompt": ["a"] * 17, "n": 8}, 400, "n"),           # 136 sequences, the queue holds 128
+    ({"model": MODEL, "prompt": ["a"] * 129}, 400, "prompt"),
     ({"model": "gpt-4", "prompt": "a"}, 404, "model"),
     ([1, 2], 400, None),
 ]

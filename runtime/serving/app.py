@@ -205,11 +205,11 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
         check_auth(request)
         body = await read_json(request)
         req = parse_completion(body, tokenize, vocab_size=config.vocab_size, context=config.context,
-                               max_n=config.max_batch)
+                               max_n=config.max_batch, max_sequences=engine.max_queue)
         if req.model != config.model_name:
             raise ApiError(404, f"model {req.model!r} is not served here (this server serves "
                            f"{config.model_name!r})", "model", "model_not_found")
-        metrics.prompt_tokens.inc(sum(len(p) for p in req.prompts) * req.n)
+        metrics.prompt_tokens.inc(_prompt_tokens(req))
         return await (stream_completion if req.stream else full_completion)(request, req)
 
     async def run_choices(request: Request, req: CompletionRequest):
@@ -317,12 +317,10 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
             out.append({"index": index, "text": c.delta(), "finish_reason": _reason(c.finish),
                         "logprobs": c.logprobs_body() if req.logprobs is not None else None})
         completion_tokens = sum(c.generated for c in choices.values())
-        prompt_tokens = sum(len(p) for p in req.prompts) * req.n
-        return JSONResponse(completion_body(new_id(), config.model_name, out, usage_body(prompt_tokens, completion_tokens)))
+        return JSONResponse(completion_body(new_id(), config.model_name, out, usage_body(_prompt_tokens(req), completion_tokens)))
 
     async def stream_completion(request: Request, req: CompletionRequest) -> Response:
         rid = new_id()
-        prompt_tokens = sum(len(p) for p in req.prompts) * req.n
         stream = run_choices(request, req)
         # start the choices now, so a full queue is still a 429 and not a broken stream
         first = await _first(stream)
@@ -345,7 +343,7 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
                     yield _sse(completion_body(rid, config.model_name, [payload], None))
                 if req.include_usage:
                     completion_tokens = sum(c.generated for c in seen.values())
-                    yield _sse(completion_body(rid, config.model_name, [], usage_body(prompt_tokens, completion_tokens)))
+                    yield _sse(completion_body(rid, config.model_name, [], usage_body(_prompt_tokens(req), completion_tokens)))
                 yield "data: [DONE]\n\n"
             except ApiError as e:
                 yield _sse(e.body())
@@ -423,6 +421,11 @@ class _HandOff:
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(emit_each, events)
+
+
+def _prompt_tokens(req: CompletionRequest) -> int:
+    """``usage.prompt_tokens`` as OpenAI counts it: each prompt once, whatever ``n`` is."""
+    return sum(len(p) for p in req.prompts)
 
 
 def _reason(finish: str | None) -> str | None:
