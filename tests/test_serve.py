@@ -266,6 +266,14 @@ def test_sequential_requests_leave_memory_flat(server):
     assert after - before < 20_000, f"RSS grew by {after - before} kB over 1000 requests"
 
 
+def test_an_empty_api_key_is_refused_not_ignored():
+    """``--api-key ""`` (an unset shell variable) must not start a server without authentication."""
+    proc = subprocess.run([sys.executable, "-m", "graphc", "serve", "--model", MODEL, "--port", "0", "--api-key", ""],
+                          capture_output=True, text=True, env=_env(), timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: graphc serve: --api-key: must not be empty\n"
+
+
 def test_api_key_queue_limit_and_clean_shutdown():
     s = Server("--max-batch", "1", "--max-queue", "1", "--api-key", "sekrit")
     try:

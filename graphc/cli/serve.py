@@ -43,6 +43,8 @@ def run(args) -> int:
     from graphc.runtime.serving.app import ServerConfig, build_app
     from graphc.runtime.serving.engine import Engine
 
+    if args.api_key is not None and not args.api_key:   # "" would silently serve without authentication
+        raise GraphcError(None, "must not be empty", "--api-key")
     if not 0 <= args.port <= 65535:
         raise GraphcError(None, f"must be 0..65535, got {args.port}", "--port")
     sock = bind_socket(args.host, args.port)      # before the model loads: a taken port is found at once
