@@ -166,6 +166,18 @@ def test_null_fields_mean_their_defaults(server):
     assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] in range(1, 17)
 
 
+def test_choices_of_neighbouring_seeds_do_not_overlap(server):
+    """Choice 0 samples with the plain seed (as n: 1 does); the others must not be seed + i,
+    or seed 8's choices 0-1 would be seed 7's choices 1-2."""
+    def texts(seed, n):
+        body = {"model": MODEL, "prompt": "Once", "max_tokens": 8, "temperature": 1.0, "seed": seed, "n": n}
+        return [c["text"] for c in server.post(body).json()["choices"]]
+
+    seven, eight = texts(7, 3), texts(8, 3)
+    assert eight[:2] != seven[1:] and eight[0] != seven[1] and eight[1] != seven[2]
+    assert texts(8, 1) == eight[:1] and len(set(eight)) == 3
+
+
 def test_stop_strings_cut_the_text(server):
     base = server.post({"model": MODEL, "prompt": "x", "max_tokens": 20, "temperature": 0}).json()["choices"][0]["text"]
     stop = base[3:6]

@@ -160,3 +160,11 @@ def test_choice_text_lazy_detokenization_matches_decoding_at_once(tokenizer, str
     assert "".join(out) == full[:cut]
     assert choice.finish == ("stop" if cut < len(full) else "length")
     assert choice.generated == len(choice.tokens) <= len(ids)
+
+
+def test_choice_seeds_keep_choice_0_and_never_repeat_a_neighbour():
+    from graphc.runtime.serving.app import choice_seed
+
+    assert [choice_seed(s, 0) for s in (0, 7, 2**63 - 1)] == [0, 7, 2**63 - 1]
+    seeds = [choice_seed(s, i) for s in range(200) for i in range(8)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= x < 2**64 for x in seeds)

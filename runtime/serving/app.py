@@ -5,9 +5,10 @@ Routes: ``POST /v1/completions`` (JSON or server-sent events), ``GET /v1/models`
 (:class:`~graphc.runtime.serving.protocol.ApiError`) for every status, unknown routes too.
 
 Each completion choice (prompt x ``n``) is one :class:`~graphc.runtime.serving.engine.Job`
-with its own seeded sampler (``seed + choice index``; a fresh random seed when the request
-has none). Each engine step's tokens arrive in one ``loop.call_soon_threadsafe`` (the
-engine's ``deliver``, :class:`_HandOff`); on the loop each token goes to its choice's
+with its own seeded sampler (:func:`choice_seed`: the request's seed for choice 0, a hash of
+seed and index for the others; a fresh random seed when the request has none). Each engine
+step's tokens arrive in one ``loop.call_soon_threadsafe`` (the engine's ``deliver``,
+:class:`_HandOff`); on the loop each token goes to its choice's
 :class:`ChoiceText`, and the request's handler is woken only when there is something to send
 (each step while streaming; once per choice, at its end, otherwise). This side detokenizes
 (lazily: a non-streaming choice without stop strings once, at the end; UTF-8 pieces split
@@ -25,6 +26,7 @@ import json
 import secrets
 import time
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -199,7 +201,7 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
     def sampler_for(req: CompletionRequest, index: int) -> Sampler:
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         return Sampler(temperature=req.temperature, top_k=req.top_k if req.top_k > 0 else None, top_p=req.top_p,
-                       seed=seed + index)
+                       seed=choice_seed(seed, index))
 
     async def completions(request: Request) -> Response:
         check_auth(request)
@@ -421,6 +423,18 @@ class _HandOff:
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(emit_each, events)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Choice ``index``'s seed: ``seed`` itself for choice 0 (so ``n: 1`` samples as
+    ``graphc generate --seed`` does), a 64-bit hash of (seed, index) for the others.
+
+    Not ``seed + index``: then seed 8's choices 0-1 would repeat seed 7's choices 1-2. numpy's
+    SeedSequence spawn key is its documented way to derive independent streams; the result is
+    an integer because the CUDA decoder seeds its sampling kernel with one."""
+    if index == 0:
+        return seed
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0])
 
 
 def _prompt_tokens(req: CompletionRequest) -> int:
