@@ -198,6 +198,10 @@ def test_echo_and_prompt_scoring(server):
     assert r["choices"][0]["text"] == "The quick brown"
     assert lp["tokens"] == ["The", " quick", " brown"] and lp["token_logprobs"][0] is None
     assert all(v < 0 for v in lp["token_logprobs"][1:]) and lp["text_offset"] == [0, 3, 9]
+    for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert top[token] == logprob and 1 <= len(top) <= 2          # logprobs + 1 at most: the chosen one is in
+    lp = server.post({"model": MODEL, "prompt": "a", "max_tokens": 5, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
 
 
 BAD = [

@@ -90,15 +90,23 @@ class ChoiceText:
         self.scan_from = len(prefix)
         self.tokens: list[Sampled | None] = []
         self.token_texts: list[str] = []   # filled up to len(tokens) on demand (logprobs)
+        self.offsets: list[int] = []       # each token's text_offset, filled like token_texts
+        self.offset_utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.offset_pos = len(prefix)      # generated tokens' offsets start after the echoed prompt
         self.undecoded: list[int] = []     # generated ids not in ``text`` yet
         self.flushed = False               # the UTF-8 decoder's tail is in ``text``
         self.finish: str | None = None
         self.generated = 0
 
     def add_prompt_logprobs(self, scored: list[Sampled | None], prompt: list[int]) -> None:
+        """The echoed prompt's tokens (scored by the model) ahead of the generated ones; their
+        offsets count the characters of the prompt's text before each."""
+        utf8, pos = codecs.getincrementaldecoder("utf-8")("replace"), 0
         for tok, s in zip(prompt, scored):
             self.tokens.append(s)
             self.token_texts.append(self._piece(tok))
+            self.offsets.append(pos)
+            pos += len(utf8.decode(self.tokenizer.decode_bytes(tok)))
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode_bytes(token).decode("utf-8", errors="replace")
@@ -143,22 +151,30 @@ class ChoiceText:
         self.sent = ready
         return piece
 
-    def logprobs_body(self, start: int = 0, offset0: int = 0) -> dict:
-        """OpenAI's legacy logprobs object for tokens ``start:``."""
+    def logprobs_body(self, start: int = 0) -> dict:
+        """OpenAI's legacy logprobs object for tokens ``start:``.
+
+        ``top_logprobs`` holds the chosen token too (OpenAI: up to logprobs + 1 entries).
+        ``text_offset`` is a character offset into the choice's text (echoed prompt included,
+        the same across streamed chunks): the length of the text decoded before the token. A
+        character split across tokens counts once, where it starts, so offsets do not drift
+        after one (the tokens' own strings hold a replacement character for each part)."""
+        for s in self.tokens[len(self.offsets):]:
+            self.offsets.append(self.offset_pos)
+            self.offset_pos += len(self.offset_utf8.decode(self.tokenizer.decode_bytes(s.token)))
         self.token_texts += [self._piece(s.token) for s in self.tokens[len(self.token_texts):]]
-        toks, texts = self.tokens[start:], self.token_texts[start:]
-        offsets, pos = [], offset0
-        for t in self.token_texts[:start]:
-            pos += len(t)
-        for t in texts:
-            offsets.append(pos)
-            pos += len(t)
+        toks = self.tokens[start:]
         return {
-            "tokens": texts,
+            "tokens": self.token_texts[start:],
             "token_logprobs": [None if s is None else s.logprob for s in toks],
-            "top_logprobs": [None if s is None else {self._piece(t): lp for t, lp in s.top} for s in toks],
-            "text_offset": offsets,
+            "top_logprobs": [None if s is None else self._top(s) for s in toks],
+            "text_offset": self.offsets[start:],
         }
+
+    def _top(self, s: Sampled) -> dict[str, float]:
+        top = {self._piece(t): lp for t, lp in s.top}
+        top.setdefault(self._piece(s.token), s.logprob)
+        return top
 
 
 def build_app(engine: Engine, tokenizer, config: ServerConfig):
