@@ -282,12 +282,17 @@ def test_sequential_requests_leave_memory_flat(server):
     assert after - before < 20_000, f"RSS grew by {after - before} kB over 1000 requests"
 
 
-def test_an_empty_api_key_is_refused_not_ignored():
-    """``--api-key ""`` (an unset shell variable) must not start a server without authentication."""
-    proc = subprocess.run([sys.executable, "-m", "graphc", "serve", "--model", MODEL, "--port", "0", "--api-key", ""],
-                          capture_output=True, text=True, env=_env(), timeout=60)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == "error: graphc serve: --api-key: must not be empty\n"
+def test_default_max_tokens_fits_a_small_context():
+    """OpenAI's default max_tokens (16) must not be refused by --context 8: the user never sent it."""
+    s = Server("--context", "8", "--max-batch", "2")
+    try:
+        r = s.post({"model": MODEL, "prompt": [1, 2, 3], "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert 1 <= r.json()["usage"]["completion_tokens"] <= 5
+        r = s.post({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 16})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    finally:
+        assert s.stop() == 0
 
 
 def test_api_key_queue_limit_and_clean_shutdown():

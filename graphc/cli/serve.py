@@ -26,7 +26,8 @@ def add_arguments(p):
     p.add_argument("--max-batch", type=positive("--max-batch"), default=32,
                    help="sequences decoded together at most (KV-cache slots; default 32)")
     p.add_argument("--max-queue", type=positive("--max-queue"), default=256,
-                   help="requests waiting for a slot at most; beyond it requests get 429 (default 256)")
+                   help="sequences waiting for a slot at most; beyond it requests get 429, and one request "
+                        "of more sequences (prompts x n) than this gets 400 (default 256)")
     p.add_argument("--context", type=positive("--context"), default=None,
                    help="cache positions per sequence: the longest prompt + max_tokens accepted "
                         "(default: the model's maximum sequence length)")

@@ -442,8 +442,8 @@ class _HandOff:
 
 
 def choice_seed(seed: int, index: int) -> int:
-    """Choice ``index``'s seed: ``seed`` itself for choice 0 (so ``n: 1`` samples as
-    ``graphc generate --seed`` does), a 64-bit hash of (seed, index) for the others.
+    """Choice ``index``'s seed: ``seed`` itself for choice 0 (so ``n: 1`` samples with the
+    request's seed, as before), a 64-bit hash of (seed, index) for the others.
 
     Not ``seed + index``: then seed 8's choices 0-1 would repeat seed 7's choices 1-2. numpy's
     SeedSequence spawn key is its documented way to derive independent streams; the result is
