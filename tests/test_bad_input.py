@@ -463,6 +463,7 @@ CASES: list[Case] = [
     Case("serve-backend-unknown", [*SERVE, "--backend", "tpu"], "--backend: invalid choice: 'tpu'"),
     Case("serve-backend-unusable", [*SERVE, "--backend", "cuda"], "cuda: --backend: backend is not available here"),
     Case("serve-precision-unknown", [*SERVE, "--precision", "int8"], "--precision: invalid choice: 'int8'"),
+    Case("serve-api-key-empty", [*SERVE, "--api-key", ""], "graphc serve: --api-key: must not be empty"),
     # ------------------------------------------------------------------ engine
     Case("engine-out-is-a-folder", ["engine", "--model", MODEL, "--out", "{ws}"], "--out"),
     Case("engine-max-seq-too-long", [*ENGINE, "--max-seq", "4096"], "--max-seq"),

@@ -136,6 +136,48 @@ def test_n_choices_and_list_prompts(server):
     assert body["usage"]["completion_tokens"] == 16
 
 
+def test_prompt_tokens_count_each_prompt_once_whatever_n(server):
+    from graphc.data.tokenizer import Tokenizer
+
+    hi = len(Tokenizer().encode("hi"))
+    before = server.metric("graphc_prompt_tokens_total")
+    client = server.client()
+    assert client.completions.create(model=MODEL, prompt="hi", n=3, max_tokens=2).usage.prompt_tokens == hi
+    chunks = list(client.completions.create(model=MODEL, prompt=[[1, 2], [3, 4, 5]], n=2, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == 5 and chunks[-1].usage.completion_tokens == 8
+    assert server.metric("graphc_prompt_tokens_total") - before == hi + 5
+
+
+def test_a_request_the_queue_can_never_hold_is_not_a_rate_limit(server):
+    """429 makes the openai client retry, and no retry can fit 136 sequences into 128."""
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().completions.create(model=MODEL, prompt=["a"] * 17, n=8, max_tokens=1)
+    assert "128" in info.value.body["message"] and info.value.body["param"] == "n"
+
+
+def test_null_fields_mean_their_defaults(server):
+    r = server.post({"model": MODEL, "prompt": "a", "max_tokens": None, "n": None, "top_k": None, "top_p": None,
+                     "logit_bias": None, "suffix": None, "best_of": None, "frequency_penalty": None,
+                     "presence_penalty": None, "stop": None, "seed": None, "logprobs": None, "echo": None,
+                     "temperature": None, "stream": None, "stream_options": None, "user": None})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] in range(1, 17)
+
+
+def test_choices_of_neighbouring_seeds_do_not_overlap(server):
+    """Choice 0 samples with the plain seed (as n: 1 does); the others must not be seed + i,
+    or seed 8's choices 0-1 would be seed 7's choices 1-2."""
+    def texts(seed, n):
+        body = {"model": MODEL, "prompt": "Once", "max_tokens": 8, "temperature": 1.0, "seed": seed, "n": n}
+        return [c["text"] for c in server.post(body).json()["choices"]]
+
+    seven, eight = texts(7, 3), texts(8, 3)
+    assert eight[:2] != seven[1:] and eight[0] != seven[1] and eight[1] != seven[2]
+    assert texts(8, 1) == eight[:1] and len(set(eight)) == 3
+
+
 def test_stop_strings_cut_the_text(server):
     base = server.post({"model": MODEL, "prompt": "x", "max_tokens": 20, "temperature": 0}).json()["choices"][0]["text"]
     stop = base[3:6]
@@ -156,6 +198,10 @@ def test_echo_and_prompt_scoring(server):
     assert r["choices"][0]["text"] == "The quick brown"
     assert lp["tokens"] == ["The", " quick", " brown"] and lp["token_logprobs"][0] is None
     assert all(v < 0 for v in lp["token_logprobs"][1:]) and lp["text_offset"] == [0, 3, 9]
+    for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert top[token] == logprob and 1 <= len(top) <= 2          # logprobs + 1 at most: the chosen one is in
+    lp = server.post({"model": MODEL, "prompt": "a", "max_tokens": 5, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
 
 
 BAD = [
@@ -179,6 +225,13 @@ BAD = [
     ({"model": MODEL, "prompt": "a", "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": "a", "seed": -3}, 400, "seed"),
     ({"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": MODEL, "prompt": "a", "logit_bias": {"50256": -100}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "a", "presence_penalty": 1}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "a", "suffix": "end"}, 400, "suffix"),
+    ({"model": MODEL, "prompt": "a", "best_of": 3}, 400, "best_of"),
+    ({"model": MODEL, "prompt": ["a"] * 17, "n": 8}, 400, "n"),           # 136 sequences, the queue holds 128
+    ({"model": MODEL, "prompt": ["a"] * 129}, 400, "prompt"),
     ({"model": "gpt-4", "prompt": "a"}, 404, "model"),
     ([1, 2], 400, None),
 ]
@@ -227,6 +280,19 @@ def test_sequential_requests_leave_memory_flat(server):
         burst(1000)
         after = server.rss_kb()
     assert after - before < 20_000, f"RSS grew by {after - before} kB over 1000 requests"
+
+
+def test_default_max_tokens_fits_a_small_context():
+    """OpenAI's default max_tokens (16) must not be refused by --context 8: the user never sent it."""
+    s = Server("--context", "8", "--max-batch", "2")
+    try:
+        r = s.post({"model": MODEL, "prompt": [1, 2, 3], "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert 1 <= r.json()["usage"]["completion_tokens"] <= 5
+        r = s.post({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 16})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    finally:
+        assert s.stop() == 0
 
 
 def test_api_key_queue_limit_and_clean_shutdown():

@@ -160,3 +160,59 @@ def test_choice_text_lazy_detokenization_matches_decoding_at_once(tokenizer, str
     assert "".join(out) == full[:cut]
     assert choice.finish == ("stop" if cut < len(full) else "length")
     assert choice.generated == len(choice.tokens) <= len(ids)
+
+
+def test_choice_seeds_keep_choice_0_and_never_repeat_a_neighbour():
+    from graphc.runtime.serving.app import choice_seed
+
+    assert [choice_seed(s, 0) for s in (0, 7, 2**63 - 1)] == [0, 7, 2**63 - 1]
+    seeds = [choice_seed(s, i) for s in range(200) for i in range(8)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= x < 2**64 for x in seeds)
+
+
+def _choice_with_logprobs(tokenizer, ids, prompt=None, stream=False):
+    """A ChoiceText fed ``ids`` (each with logprob -1 and one wrong alternative) the way the
+    app feeds it: optionally an echoed, scored ``prompt`` first; per-step logprobs when streaming."""
+    from graphc.runtime.decode import Sampled
+    from graphc.runtime.serving.app import ChoiceText
+
+    choice = ChoiceText(tokenizer, [], tokenizer.decode(prompt) if prompt else "")
+    if prompt:
+        choice.add_prompt_logprobs([None] + [Sampled(t, -2.0, ((0, -0.5),)) for t in prompt[1:]], prompt)
+    text, bodies = "", []
+    for i, token in enumerate(ids):
+        start = len(choice.tokens)
+        choice.add(Sampled(token, -1.0, ((0, -0.5),)), "length" if i == len(ids) - 1 else None, tokenizer.eot)
+        if stream:
+            text += choice.delta()
+            bodies.append(choice.logprobs_body(start if prompt is None or i else 0))
+    if not stream:
+        text, bodies = choice.delta(), [choice.logprobs_body()]
+    merged = {key: [x for b in bodies for x in b[key]] for key in bodies[0]}
+    return text, merged
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("echo", [False, True])
+def test_text_offsets_are_character_offsets_after_split_utf8(tokenizer, stream, echo):
+    """'😀' is split across two tokens; ' w' must still start at its character offset, 7."""
+    ids = tokenizer.encode("héllo 😀 wörld")
+    prompt = tokenizer.encode("Prompt 😀 x") if echo else None
+    text, lp = _choice_with_logprobs(tokenizer, ids, prompt, stream)
+    assert text == (tokenizer.decode(prompt) if echo else "") + "héllo 😀 wörld"
+    base = len(tokenizer.decode(prompt)) if echo else 0
+    assert lp["text_offset"][-len(ids):] == [base + o for o in (0, 1, 2, 5, 6, 7, 9, 11)]
+    # every token that is whole characters is found in the text at its offset
+    for piece, offset in zip(lp["tokens"], lp["text_offset"]):
+        if "\ufffd" not in piece:
+            assert text[offset:offset + len(piece)] == piece
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and len(lp["text_offset"]) == len(lp["tokens"])
+
+
+def test_top_logprobs_include_the_chosen_token(tokenizer):
+    ids = tokenizer.encode(" the cat")
+    _, lp = _choice_with_logprobs(tokenizer, ids, prompt=[464, 2068])
+    alt = tokenizer.decode_bytes(0).decode()
+    assert lp["top_logprobs"][0] is None                       # the first prompt token has no context
+    assert lp["top_logprobs"][1] == {alt: -0.5, " quick": -2.0}
+    assert lp["top_logprobs"][2:] == [{alt: -0.5, tokenizer.decode([t]): -1.0} for t in ids]

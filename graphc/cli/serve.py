@@ -26,7 +26,8 @@ def add_arguments(p):
     p.add_argument("--max-batch", type=positive("--max-batch"), default=32,
                    help="sequences decoded together at most (KV-cache slots; default 32)")
     p.add_argument("--max-queue", type=positive("--max-queue"), default=256,
-                   help="requests waiting for a slot at most; beyond it requests get 429 (default 256)")
+                   help="sequences waiting for a slot at most; beyond it requests get 429, and one request "
+                        "of more sequences (prompts x n) than this gets 400 (default 256)")
     p.add_argument("--context", type=positive("--context"), default=None,
                    help="cache positions per sequence: the longest prompt + max_tokens accepted "
                         "(default: the model's maximum sequence length)")
@@ -43,6 +44,8 @@ def run(args) -> int:
     from graphc.runtime.serving.app import ServerConfig, build_app
     from graphc.runtime.serving.engine import Engine
 
+    if args.api_key is not None and not args.api_key:   # "" would silently serve without authentication
+        raise GraphcError(None, "must not be empty", "--api-key")
     if not 0 <= args.port <= 65535:
         raise GraphcError(None, f"must be 0..65535, got {args.port}", "--port")
     sock = bind_socket(args.host, args.port)      # before the model loads: a taken port is found at once

@@ -5,9 +5,10 @@ Routes: ``POST /v1/completions`` (JSON or server-sent events), ``GET /v1/models`
 (:class:`~graphc.runtime.serving.protocol.ApiError`) for every status, unknown routes too.
 
 Each completion choice (prompt x ``n``) is one :class:`~graphc.runtime.serving.engine.Job`
-with its own seeded sampler (``seed + choice index``; a fresh random seed when the request
-has none). Each engine step's tokens arrive in one ``loop.call_soon_threadsafe`` (the
-engine's ``deliver``, :class:`_HandOff`); on the loop each token goes to its choice's
+with its own seeded sampler (:func:`choice_seed`: the request's seed for choice 0, a hash of
+seed and index for the others; a fresh random seed when the request has none). Each engine
+step's tokens arrive in one ``loop.call_soon_threadsafe`` (the engine's ``deliver``,
+:class:`_HandOff`); on the loop each token goes to its choice's
 :class:`ChoiceText`, and the request's handler is woken only when there is something to send
 (each step while streaming; once per choice, at its end, otherwise). This side detokenizes
 (lazily: a non-streaming choice without stop strings once, at the end; UTF-8 pieces split
@@ -25,6 +26,7 @@ import json
 import secrets
 import time
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -88,15 +90,23 @@ class ChoiceText:
         self.scan_from = len(prefix)
         self.tokens: list[Sampled | None] = []
         self.token_texts: list[str] = []   # filled up to len(tokens) on demand (logprobs)
+        self.offsets: list[int] = []       # each token's text_offset, filled like token_texts
+        self.offset_utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.offset_pos = len(prefix)      # generated tokens' offsets start after the echoed prompt
         self.undecoded: list[int] = []     # generated ids not in ``text`` yet
         self.flushed = False               # the UTF-8 decoder's tail is in ``text``
         self.finish: str | None = None
         self.generated = 0
 
     def add_prompt_logprobs(self, scored: list[Sampled | None], prompt: list[int]) -> None:
+        """The echoed prompt's tokens (scored by the model) ahead of the generated ones; their
+        offsets count the characters of the prompt's text before each."""
+        utf8, pos = codecs.getincrementaldecoder("utf-8")("replace"), 0
         for tok, s in zip(prompt, scored):
             self.tokens.append(s)
             self.token_texts.append(self._piece(tok))
+            self.offsets.append(pos)
+            pos += len(utf8.decode(self.tokenizer.decode_bytes(tok)))
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode_bytes(token).decode("utf-8", errors="replace")
@@ -141,22 +151,30 @@ class ChoiceText:
         self.sent = ready
         return piece
 
-    def logprobs_body(self, start: int = 0, offset0: int = 0) -> dict:
-        """OpenAI's legacy logprobs object for tokens ``start:``."""
+    def logprobs_body(self, start: int = 0) -> dict:
+        """OpenAI's legacy logprobs object for tokens ``start:``.
+
+        ``top_logprobs`` holds the chosen token too (OpenAI: up to logprobs + 1 entries).
+        ``text_offset`` is a character offset into the choice's text (echoed prompt included,
+        the same across streamed chunks): the length of the text decoded before the token. A
+        character split across tokens counts once, where it starts, so offsets do not drift
+        after one (the tokens' own strings hold a replacement character for each part)."""
+        for s in self.tokens[len(self.offsets):]:
+            self.offsets.append(self.offset_pos)
+            self.offset_pos += len(self.offset_utf8.decode(self.tokenizer.decode_bytes(s.token)))
         self.token_texts += [self._piece(s.token) for s in self.tokens[len(self.token_texts):]]
-        toks, texts = self.tokens[start:], self.token_texts[start:]
-        offsets, pos = [], offset0
-        for t in self.token_texts[:start]:
-            pos += len(t)
-        for t in texts:
-            offsets.append(pos)
-            pos += len(t)
+        toks = self.tokens[start:]
         return {
-            "tokens": texts,
+            "tokens": self.token_texts[start:],
             "token_logprobs": [None if s is None else s.logprob for s in toks],
-            "top_logprobs": [None if s is None else {self._piece(t): lp for t, lp in s.top} for s in toks],
-            "text_offset": offsets,
+            "top_logprobs": [None if s is None else self._top(s) for s in toks],
+            "text_offset": self.offsets[start:],
         }
+
+    def _top(self, s: Sampled) -> dict[str, float]:
+        top = {self._piece(t): lp for t, lp in s.top}
+        top.setdefault(self._piece(s.token), s.logprob)
+        return top
 
 
 def build_app(engine: Engine, tokenizer, config: ServerConfig):
@@ -199,17 +217,17 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
     def sampler_for(req: CompletionRequest, index: int) -> Sampler:
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         return Sampler(temperature=req.temperature, top_k=req.top_k if req.top_k > 0 else None, top_p=req.top_p,
-                       seed=seed + index)
+                       seed=choice_seed(seed, index))
 
     async def completions(request: Request) -> Response:
         check_auth(request)
         body = await read_json(request)
         req = parse_completion(body, tokenize, vocab_size=config.vocab_size, context=config.context,
-                               max_n=config.max_batch)
+                               max_n=config.max_batch, max_sequences=engine.max_queue)
         if req.model != config.model_name:
             raise ApiError(404, f"model {req.model!r} is not served here (this server serves "
                            f"{config.model_name!r})", "model", "model_not_found")
-        metrics.prompt_tokens.inc(sum(len(p) for p in req.prompts) * req.n)
+        metrics.prompt_tokens.inc(_prompt_tokens(req))
         return await (stream_completion if req.stream else full_completion)(request, req)
 
     async def run_choices(request: Request, req: CompletionRequest):
@@ -317,12 +335,10 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
             out.append({"index": index, "text": c.delta(), "finish_reason": _reason(c.finish),
                         "logprobs": c.logprobs_body() if req.logprobs is not None else None})
         completion_tokens = sum(c.generated for c in choices.values())
-        prompt_tokens = sum(len(p) for p in req.prompts) * req.n
-        return JSONResponse(completion_body(new_id(), config.model_name, out, usage_body(prompt_tokens, completion_tokens)))
+        return JSONResponse(completion_body(new_id(), config.model_name, out, usage_body(_prompt_tokens(req), completion_tokens)))
 
     async def stream_completion(request: Request, req: CompletionRequest) -> Response:
         rid = new_id()
-        prompt_tokens = sum(len(p) for p in req.prompts) * req.n
         stream = run_choices(request, req)
         # start the choices now, so a full queue is still a 429 and not a broken stream
         first = await _first(stream)
@@ -345,7 +361,7 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
                     yield _sse(completion_body(rid, config.model_name, [payload], None))
                 if req.include_usage:
                     completion_tokens = sum(c.generated for c in seen.values())
-                    yield _sse(completion_body(rid, config.model_name, [], usage_body(prompt_tokens, completion_tokens)))
+                    yield _sse(completion_body(rid, config.model_name, [], usage_body(_prompt_tokens(req), completion_tokens)))
                 yield "data: [DONE]\n\n"
             except ApiError as e:
                 yield _sse(e.body())
@@ -423,6 +439,23 @@ class _HandOff:
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(emit_each, events)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Choice ``index``'s seed: ``seed`` itself for choice 0 (so ``n: 1`` samples with the
+    request's seed, as before), a 64-bit hash of (seed, index) for the others.
+
+    Not ``seed + index``: then seed 8's choices 0-1 would repeat seed 7's choices 1-2. numpy's
+    SeedSequence spawn key is its documented way to derive independent streams; the result is
+    an integer because the CUDA decoder seeds its sampling kernel with one."""
+    if index == 0:
+        return seed
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0])
+
+
+def _prompt_tokens(req: CompletionRequest) -> int:
+    """``usage.prompt_tokens`` as OpenAI counts it: each prompt once, whatever ``n`` is."""
+    return sum(len(p) for p in req.prompts)
 
 
 def _reason(finish: str | None) -> str | None:

@@ -16,7 +16,8 @@ So requests join and leave at step boundaries and never wait for each other to f
 Each job carries its own seeded :class:`~graphc.runtime.sampling.Sampler`, and the decoder
 keeps every sequence's length and position, so results do not depend on the batch.
 Admission is bounded twice: by the decoder's slots (KV-cache capacity) and by the queue
-(``max_queue``; :class:`QueueFull` beyond it, which the server answers with 429).
+(``max_queue``; :class:`QueueFull` beyond it, which the server answers with 429; a request
+of more sequences than ``max_queue`` could never fit, and the server refuses it with 400).
 
 The model runs in this thread (onnxruntime and the CUDA runtime release the GIL), while
 the asyncio loop tokenizes, detokenizes and talks HTTP: the two overlap. The default

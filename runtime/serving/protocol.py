@@ -55,10 +55,37 @@ def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}", param, "invalid_value")
 
 
-def _int(body: dict, name: str, default, lo: int | None = None, hi: int | None = None, nullable: bool = False):
-    value = body.get(name, default)
-    if value is None and (nullable or default is None):
-        return default if not nullable else None
+def _unsupported(param: str, what: str) -> ApiError:
+    return ApiError(400, f"{param}: graphc does not support {what} (send the default, or leave it out)",
+                    param, "unsupported_value")
+
+
+def _check_unsupported(body: dict, n: int) -> None:
+    """400 for OpenAI fields graphc does not implement, when they ask for something: silently
+    ignoring them would return output the client did not ask for. Their default values pass,
+    since clients (the openai SDK, lm-eval) send them."""
+    bias = body.get("logit_bias")
+    if bias is not None and (not isinstance(bias, dict) or bias):
+        raise _unsupported("logit_bias", "logit_bias (only null or {})")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != 0):
+            raise _unsupported(name, f"{name} (only null or 0)")
+    suffix = body.get("suffix")
+    if suffix is not None and suffix != "":
+        raise _unsupported("suffix", "suffix (only null or \"\")")
+    best_of = body.get("best_of")
+    if best_of is not None and (isinstance(best_of, bool) or not isinstance(best_of, int)):
+        raise _bad("best_of", f"must be an integer, got {best_of!r}")
+    if best_of is not None and best_of not in (1, n):
+        raise _unsupported("best_of", f"best_of other than n (only null, 1 or n = {n})")
+
+
+def _int(body: dict, name: str, default, lo: int | None = None, hi: int | None = None):
+    """An optional integer field; absent or ``null`` is ``default`` (OpenAI's meaning of null)."""
+    value = body.get(name)
+    if value is None:
+        return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(name, f"must be an integer, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -90,8 +117,13 @@ def _is_ids(x) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def parse_completion(body: Any, tokenize, *, vocab_size: int, context: int, max_n: int) -> CompletionRequest:
-    """Validate a ``/v1/completions`` body; ``tokenize(str) -> ids``. Raises :class:`ApiError`."""
+def parse_completion(body: Any, tokenize, *, vocab_size: int, context: int, max_n: int,
+                     max_sequences: int | None = None) -> CompletionRequest:
+    """Validate a ``/v1/completions`` body; ``tokenize(str) -> ids``. Raises :class:`ApiError`.
+
+    ``null`` for an optional field means its default, as in OpenAI's API. ``max_sequences``
+    is the most sequences (prompts x n) the engine's queue can ever hold: a request needing
+    more is a 400, not a 429, because no retry could succeed."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
@@ -117,7 +149,10 @@ def parse_completion(body: Any, tokenize, *, vocab_size: int, context: int, max_
             raise _bad("prompt", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
     echo = _bool(body, "echo", False)
-    max_tokens = _int(body, "max_tokens", 16, 0 if echo else 1, context)
+    room = context - max(len(ids) for ids in prompts)      # positions left after the longest prompt
+    # OpenAI's default of 16, cut to what fits: a small --context must not reject a request
+    # for a max_tokens the client never sent (an explicit value is checked strictly).
+    max_tokens = _int(body, "max_tokens", max(min(16, room), 0 if echo else 1), 0 if echo else 1, context)
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
@@ -130,17 +165,27 @@ def parse_completion(body: Any, tokenize, *, vocab_size: int, context: int, max_
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=_int(body, "top_k", 0, -1, vocab_size),
-        seed=_int(body, "seed", None, nullable=True),
+        seed=_int(body, "seed", None),
         stop=stop, n=_int(body, "n", 1, 1, max_n), stream=_bool(body, "stream", False),
         include_usage=bool(options and _bool(options, "include_usage", False)),
-        echo=echo, logprobs=_int(body, "logprobs", None, 0, MAX_LOGPROBS, nullable=True),
+        echo=echo, logprobs=_int(body, "logprobs", None, 0, MAX_LOGPROBS),
     )
     if req.seed is not None and req.seed < 0:
         raise _bad("seed", f"must be >= 0, got {req.seed}")
     if options is not None and not req.stream:
         raise _bad("stream_options", "only allowed with stream: true")
+    _check_unsupported(body, req.n)
+    sequences = len(prompts) * req.n
+    if max_sequences is not None and req.max_tokens > 0 and sequences > max_sequences:
+        param = "n" if req.n > 1 else "prompt"
+        raise ApiError(400, f"{param}: {len(prompts)} prompt(s) x n {req.n} = {sequences} sequences exceed the "
+                       f"{max_sequences} the server's queue can hold (--max-queue); send fewer", param,
+                       "too_many_sequences")
     for i, ids in enumerate(prompts):
-        if len(ids) + max(req.max_tokens, 0) > context:
+        if body.get("max_tokens") is None and len(ids) + req.max_tokens > context:
+            raise ApiError(400, f"prompt {i} has {len(ids)} tokens, which leaves no room to generate within the "
+                           f"model's context of {context} tokens", "prompt", "context_length_exceeded")
+        if len(ids) + req.max_tokens > context:
             raise ApiError(400, f"prompt {i} has {len(ids)} tokens; with max_tokens {req.max_tokens} that exceeds "
                            f"the model's context of {context} tokens", "max_tokens", "context_length_exceeded")
     return req
