@@ -123,26 +123,32 @@ def test_resume_is_bit_for_bit(tmp_path, tiny_shards, shuffle):
     assert (tmp_path / "full" / "losses.tsv").exists() and (tmp_path / "full" / "loss.png").exists()
 
 
+def train_until_nan_at(step: int, tmp_path, tiny_shards, monkeypatch) -> GraphcError:
+    """A checkpoint every step, and the loss of ``step`` made NaN: the error training stops with."""
+    from graphc.runtime import trainer as trainer_module
+
+    original = trainer_module.require_finite_loss
+    monkeypatch.setattr(trainer_module, "require_finite_loss",
+                        lambda loss, s, out: original(float("nan") if s == step else loss, s, out))
+    first, _ = make_trainer(tmp_path, tiny_shards, tmp_path / "run", checkpoint_every=1)
+    with pytest.raises(GraphcError) as e:
+        first.run()
+    monkeypatch.setattr(trainer_module, "require_finite_loss", original)
+    return e.value
+
+
 def test_a_nan_loss_leaves_resume_a_checkpoint_whose_weights_give_a_finite_loss(tmp_path, tiny_shards, monkeypatch):
     """The checkpoint of step s holds the weights whose loss is step s's: when that loss is
     NaN, that checkpoint is useless to resume from, so ``latest`` and ``model.bin`` go back to
     the one before (whose loss was finite), and a resume from there trains on."""
-    from graphc.runtime import trainer as trainer_module
-
     out = tmp_path / "run"
-    original = trainer_module.require_finite_loss
-    monkeypatch.setattr(trainer_module, "require_finite_loss",
-                        lambda loss, step, out: original(float("nan") if step == 3 else loss, step, out))
-    first, _ = make_trainer(tmp_path, tiny_shards, out, checkpoint_every=1)
-    with pytest.raises(GraphcError) as e:
-        first.run()
-    assert e.value.message.startswith("the loss became nan at step 3; training stopped; the last good "
-                                      f"checkpoint is {out / 'ckpt-000002'} (--resume starts there)")
+    error = train_until_nan_at(3, tmp_path, tiny_shards, monkeypatch)
+    assert error.message.startswith("the loss became nan at step 3; training stopped; the last good "
+                                    f"checkpoint is {out / 'ckpt-000002'} (--resume starts there)")
     assert (out / "latest").read_text() == "ckpt-000002\n"
     assert (out / "model.bin").read_bytes() == (out / "ckpt-000002" / "model.bin").read_bytes()
     assert (out / "ckpt-000003").is_dir()     # the diverged weights stay, for inspection
-    monkeypatch.setattr(trainer_module, "require_finite_loss", original)
-    second, lines = make_trainer(tmp_path, tiny_shards, out, checkpoint_every=1)
+    second, _ = make_trainer(tmp_path, tiny_shards, out, checkpoint_every=1)
     second.resume()
     assert second.step == 2
     second.run()
@@ -150,16 +156,9 @@ def test_a_nan_loss_leaves_resume_a_checkpoint_whose_weights_give_a_finite_loss(
 
 
 def test_a_nan_loss_at_the_first_checkpoint_leaves_nothing_to_resume(tmp_path, tiny_shards, monkeypatch):
-    from graphc.runtime import trainer as trainer_module
-
     out = tmp_path / "run"
-    original = trainer_module.require_finite_loss
-    monkeypatch.setattr(trainer_module, "require_finite_loss",
-                        lambda loss, step, out: original(float("nan") if step == 1 else loss, step, out))
-    first, _ = make_trainer(tmp_path, tiny_shards, out, checkpoint_every=1)
-    with pytest.raises(GraphcError) as e:
-        first.run()
-    assert "no checkpoint of this run gives a finite loss" in e.value.message
+    error = train_until_nan_at(1, tmp_path, tiny_shards, monkeypatch)
+    assert "no checkpoint of this run gives a finite loss" in error.message
     assert not (out / "latest").exists() and not (out / "model.bin").exists() and (out / "ckpt-000001").is_dir()
 
 
