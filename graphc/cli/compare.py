@@ -79,28 +79,11 @@ def parse_backends(text: str, loaded: int = 0) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from graphc.compare import compare_results, gpt2_case, run_gpt2, tolerance
     from graphc.models.load import load_model
-    from graphc.outputs import check_output_file
-    from graphc.polygraphy_io import load_results
     from graphc.precision import get_precision
 
     backends = parse_backends(args.backends, len(args.load_outputs))
-    save_for = args.save_for or backends[0]
-    if save_for not in REGISTRY:
-        raise GraphcError(save_for, f"unknown backend (known: {', '.join(REGISTRY)})", "--save-for")
-    if args.save_for and not (args.save_model or args.save_inputs):
-        raise GraphcError(args.save_for, "says whose graph --save-model / --save-inputs write; give one of them",
-                          "--save-for")
-    for flag in ("--save-model", "--save-inputs", "--save-outputs"):
-        if getattr(args, flag[2:].replace("-", "_")):
-            check_output_file(getattr(args, flag[2:].replace("-", "_")), flag)
-    loaded = {}                 # bad files are reported before any work
-    for path in args.load_outputs:
-        for runner, outputs in load_results(path).items():
-            taken = lambda name: name in loaded or name in backends   # noqa: E731
-            label = runner if not taken(runner) else f"{path}:{runner}"
-            if taken(label):
-                label = next(f"{label} #{i}" for i in itertools.count(2) if not taken(f"{label} #{i}"))
-            loaded[label] = outputs
+    save_for = check_save_flags(args, backends)
+    loaded = load_runs(args.load_outputs, backends)      # bad files are reported before any work
     dtype = get_precision(args.precision).compute
     tol = tolerance(dtype)
     params = load_model(args.model, args.seed)
@@ -134,6 +117,39 @@ def run(args: argparse.Namespace) -> int:
     shown = result.failed[:5] + ([f"... {len(result.failed) - 5} more"] if len(result.failed) > 5 else [])
     print(f"FAIL: {', '.join(shown)} outside tolerance against {result.reference}")
     return 1
+
+
+def check_save_flags(args: argparse.Namespace, backends: list[str]) -> str:
+    """The backend whose graph ``--save-model`` / ``--save-inputs`` write; every output writable."""
+    from graphc.outputs import check_output_file
+
+    save_for = args.save_for or backends[0]
+    if save_for not in REGISTRY:
+        raise GraphcError(save_for, f"unknown backend (known: {', '.join(REGISTRY)})", "--save-for")
+    if args.save_for and not (args.save_model or args.save_inputs):
+        raise GraphcError(args.save_for, "says whose graph --save-model / --save-inputs write; give one of them",
+                          "--save-for")
+    for flag, path in (("--save-model", args.save_model), ("--save-inputs", args.save_inputs),
+                       ("--save-outputs", args.save_outputs)):
+        if path:
+            check_output_file(path, flag)
+    return save_for
+
+
+def load_runs(paths: list[str], backends: list[str]) -> dict[str, dict]:
+    """Every runner of every ``--load-outputs`` file, by a label unique among all runs: the
+    runner's name, else ``FILE:runner``, else that with `` #2``, `` #3`` ..."""
+    from graphc.polygraphy_io import load_results
+
+    loaded: dict[str, dict] = {}
+    taken = lambda name: name in loaded or name in backends   # noqa: E731
+    for path in paths:
+        for runner, outputs in load_results(path).items():
+            label = runner if not taken(runner) else f"{path}:{runner}"
+            if taken(label):
+                label = next(f"{label} #{i}" for i in itertools.count(2) if not taken(f"{label} #{i}"))
+            loaded[label] = outputs
+    return loaded
 
 
 def save_graph_files(args: argparse.Namespace, graph, feeds: dict, backend: str) -> None:
