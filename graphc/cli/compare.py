@@ -158,9 +158,9 @@ def save_graph_files(args: argparse.Namespace, graph, feeds: dict, backend: str)
     from graphc.compare import feeds_for
 
     if args.save_model:
-        from graphc.cli.grad import save_model
+        from graphc.models.export import save_onnx
 
-        save_model(graph, args.save_model)
+        save_onnx(graph, args.save_model)
         print(f"wrote {args.save_model}: the {args.mode} graph built for {backend}")
     if args.save_inputs:
         from graphc.polygraphy_io import save_inputs
