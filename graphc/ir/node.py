@@ -16,6 +16,11 @@ def attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def axis_index(axis: int, rank: int) -> int:
+    """ONNX's ``axis`` as an index into a shape of ``rank`` dims (negative ones count from the end)."""
+    return axis + rank if axis < 0 else axis
+
+
 def attrs(node: onnx.NodeProto) -> dict:
     """Every attribute of ``node`` by name (raw values, as onnx.helper returns them)."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}

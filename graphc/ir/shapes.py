@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc.ir.node import attrs, constant_value
+from graphc.ir.node import attrs, axis_index, constant_value
 from graphc.ir.table import add_unique
 
 INT_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
@@ -236,7 +236,7 @@ class Shapes:
             axes = list(A["axes"])
         else:
             return []
-        return [a + rank if a < 0 else a for a in axes]
+        return [axis_index(a, rank) for a in axes]
 
     def _dims_or_fresh(self, v: list | None, n: int | None = None) -> list | None:
         if v is None:
@@ -371,7 +371,7 @@ class Shapes:
         out = list(x)
         val = None
         for j, a in enumerate(axes):
-            a = a + r if a < 0 else a
+            a = axis_index(a, r)
             d = x[a]
             s = starts[j] if starts is not None else None
             e = ends[j] if ends is not None else None
@@ -609,8 +609,7 @@ def _reshape(s, n):
 def _flatten(s, n):
     x = n.x
     if x is not None:
-        a = n.A.get("axis", 1)
-        a = a + len(x) if a < 0 else a
+        a = axis_index(n.A.get("axis", 1), len(x))
         n.outs[0] = [dim_prod(x[:a]), dim_prod(x[a:])]
 
 
@@ -645,7 +644,7 @@ def _concat(s, n):
     S, V = n.S, n.V
     if all(d is not None for d in S):
         r = len(S[0])
-        a = n.A["axis"] + r if n.A["axis"] < 0 else n.A["axis"]
+        a = axis_index(n.A["axis"], r)
         tot = 0
         for d in S:
             tot = dim_add(tot, d[a])
@@ -660,8 +659,7 @@ def _concat(s, n):
 def _split(s, n):
     x = n.x
     if x is not None:
-        a = n.A.get("axis", 0)
-        a = a + len(x) if a < 0 else a
+        a = axis_index(n.A.get("axis", 0), len(x))
         k = len(n.node.output)
         if len(n.ins) > 1 and n.ins[1]:
             sizes = n.V[1] if n.V[1] is not None else [None] * k
@@ -722,8 +720,7 @@ def _tile(s, n):
 def _gather(s, n):
     d, idx = n.S[0], n.S[1]
     if d is not None and idx is not None:
-        a = n.A.get("axis", 0)
-        a = a + len(d) if a < 0 else a
+        a = axis_index(n.A.get("axis", 0), len(d))
         n.outs[0] = d[:a] + idx + d[a + 1:]
     if n.V[0] is not None and n.V[1] is not None and d is not None and len(d) == 1:
         try:

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto
 
 from graphc.ir.builder import GRAPHC_DOMAIN
-from graphc.ir.node import attr
+from graphc.ir.node import attr, axis_index
 from graphc.ops.body import Body
 from graphc.ops.registry import OpDef, define, emit, is_float32
 
@@ -23,8 +23,7 @@ def layernorm_shape(s, n) -> None:
     """Y like X; Mean and InvStdDev keep the leading axes (float32 when stash_type=1)."""
     x = n.x
     if x is not None:
-        a = n.A.get("axis", -1)
-        a = a + len(x) if a < 0 else a
+        a = axis_index(n.A.get("axis", -1), len(x))
         n.outs[0] = x
         stat = [d if i < a else 1 for i, d in enumerate(x)]
         for k in (1, 2):

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from onnx import TensorProto
 
+from graphc.ir.node import axis_index
+
 
 def _stats(ctx, node, x, axes):
     B = ctx.b
@@ -52,7 +54,7 @@ def layer_norm(ctx, node, grads):
     if rank is None:
         raise NotImplementedError(f"LayerNormalization node {node.name!r}: gradient needs the rank of {x!r}")
     axis = int(ctx.attr(node, "axis", -1))
-    axis = axis + rank if axis < 0 else axis
+    axis = axis_index(axis, rank)
     axes = B.i64(*range(axis, rank))
     mean, rstd = _stats(ctx, node, x, axes)
     xhat = B.Mul(B.Sub(x, mean), rstd)

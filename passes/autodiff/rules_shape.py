@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from graphc.ir.node import axis_index
 from graphc.passes.autodiff.registry import vjp
 
 NO_GRADIENT_OPS = (
@@ -125,7 +126,7 @@ def slice_(ctx, node, grads):
             raise NotImplementedError(f"Slice node {node.name!r}: gradient needs constant axes")
         if any(a < 0 for a in axes) and rank is None:
             raise NotImplementedError(f"Slice node {node.name!r}: negative axes on a tensor of unknown rank")
-        axes = [a + rank if a < 0 else a for a in axes]
+        axes = [axis_index(a, rank) for a in axes]
     elif n is not None:
         axes = list(range(n))
     else:
