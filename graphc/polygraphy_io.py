@@ -76,25 +76,27 @@ def _from_polygraphy(value) -> np.ndarray:
 
 def save_inputs(path: str | Path, feeds: Mapping[str, np.ndarray], flag: str = "--save-inputs") -> None:
     """``feeds`` as Polygraphy's inputs file (what ``polygraphy run --load-inputs`` reads)."""
-    _, pjson = _polygraphy(path, flag)
-    from graphc.fileio import atomic_write
-
-    data = [{name: _to_polygraphy(value, path, flag) for name, value in feeds.items()}]
-    text = pjson.to_json(data)
-    with atomic_write(path, "w") as f:
-        f.write(text)
+    _polygraphy(path, flag)
+    _write_json(path, [{name: _to_polygraphy(value, path, flag) for name, value in feeds.items()}])
 
 
 def save_results(path: str | Path, results: Mapping[str, Mapping[str, np.ndarray]],
                  flag: str = "--save-outputs") -> None:
     """``{run label: {output: array}}`` as Polygraphy ``RunResults`` (one iteration a run)."""
-    comparator, pjson = _polygraphy(path, flag)
-    from graphc.fileio import atomic_write
-
+    comparator, _ = _polygraphy(path, flag)
     run_results = comparator.RunResults()
     for label, outputs in results.items():
         run_results.add([{name: _to_polygraphy(a, path, flag) for name, a in outputs.items()}], runner_name=label)
-    text = pjson.to_json(run_results)
+    _write_json(path, run_results)
+
+
+def _write_json(path: str | Path, obj) -> None:
+    """``obj`` in Polygraphy's JSON encoding, written atomically."""
+    import polygraphy.json as pjson
+
+    from graphc.fileio import atomic_write
+
+    text = pjson.to_json(obj)
     with atomic_write(path, "w") as f:
         f.write(text)
 
