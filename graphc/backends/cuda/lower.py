@@ -720,17 +720,24 @@ def _packed_grads(ctx, node, B, H, T, D, dtype):
     return [packed.view((B, H, T, D), (T * 3 * C, D, 3 * C, 1), packed.offset + k * C) for k in range(3)]
 
 
-def _cudnn_ok(dtype) -> bool:
-    """cuDNN's fused SDPA serves bf16 (it has no fp32 kernel); off with GRAPHC_CUDNN=0."""
+def _library_on(switch: str, module: str) -> bool:
+    """A library path is taken when ``module`` imports and the environment variable
+    ``switch`` is not ``0`` (the switch compares graphc's own kernels with the library's)."""
+    import importlib
     import os
 
-    if np.dtype(dtype).name != "bfloat16" or os.environ.get("GRAPHC_CUDNN", "1") == "0":
+    if os.environ.get(switch, "1") == "0":
         return False
     try:
-        import cudnn  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
+
+
+def _cudnn_ok(dtype) -> bool:
+    """cuDNN's fused SDPA serves bf16 (it has no fp32 kernel); off with GRAPHC_CUDNN=0."""
+    return np.dtype(dtype).name == "bfloat16" and _library_on("GRAPHC_CUDNN", "cudnn")
 
 
 def _library_workspace(nbytes: int):
@@ -884,15 +891,7 @@ LT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
 def _lt_ok() -> bool:
     """cuBLASLt plans (graphc/backends/cuda/gemm.py) with fused epilogues; off with GRAPHC_CUBLASLT=0."""
-    import os
-
-    if os.environ.get("GRAPHC_CUBLASLT", "1") == "0":
-        return False
-    try:
-        import nvmath.bindings.cublasLt  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _library_on("GRAPHC_CUBLASLT", "nvmath.bindings.cublasLt")
 
 
 def _sole_consumer(ctx, name, op_type, domain=""):
