@@ -276,29 +276,7 @@ def gpt2_case(params, mode: str, B: int = 2, T: int = 32, *, seed: int = 0) -> C
     return MODES[mode](params, B, T, seed=seed)
 
 
-def run_gpt2(case: Case, backends: Sequence[str], *, precision: str = "fp32", opt: bool = True,
-             graphs: Mapping[str, onnx.ModelProto] | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """Each backend runs the graph built for it (``graphs`` where given) on ``case``'s feeds in
-    that graph's dtypes: ``{backend: {output: array}}``, in the order of ``backends``."""
-    graphs = dict(graphs or {})
-    for name in backends:
-        if name not in graphs:
-            graphs[name] = case.graph(backend=name, precision=precision, opt=opt)
-    return {name: run_model(graphs[name], feeds_for(graphs[name], case.feeds), name) for name in backends}
-
-
-def compare_gpt2(params, mode: str, backends: Sequence[str], *, B: int = 2, T: int = 32,
-                 precision: str = "fp32", opt: bool = True, seed: int = 0) -> Comparison:
-    """``graphc compare``: the ``mode`` case of ``params`` on every backend, against the first.
-
-    Each backend runs the graph built for it (``precision="bf16"``: onnxruntime runs the
-    float32 emulation of the BF16 graph, other backends the BF16 graph itself; the float64
-    ``reference`` then computes its exact math) on the same inputs; the tolerance is the
-    precision's compute dtype's (:data:`TOLERANCES`).
-    """
-    from graphc.precision import get_precision
-
-    case = gpt2_case(params, mode, B, T, seed=seed)
-    results = run_gpt2(case, backends, precision=precision, opt=opt)
-    return compare_results(list(results), list(results.values()), dtype=get_precision(precision).compute,
-                           outputs=case.outputs)
+def run_gpt2(case: Case, graphs: Mapping[str, onnx.ModelProto]) -> dict[str, dict[str, np.ndarray]]:
+    """Each backend runs the graph built for it (``{backend: graph}``, e.g. ``case.graph(backend=
+    name, ...)``) on ``case``'s feeds in that graph's dtypes: ``{backend: {output: array}}``."""
+    return {name: run_model(graph, feeds_for(graph, case.feeds), name) for name, graph in graphs.items()}

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {params.cfg.describe()}; mode {args.mode}, B={args.B} T={args.T}, {args.precision}; "
           f"tolerance: max abs <= {tol.atol:.0e} + {tol.rtol:.0e} * max |{backends[0]}|")
     save_graph_files(args, graphs[save_for], case.feeds, save_for)
-    results = run_gpt2(case, backends, graphs=graphs)
+    results = run_gpt2(case, {name: graphs[name] for name in backends})
     if args.save_outputs:
         from graphc.polygraphy_io import save_results
 

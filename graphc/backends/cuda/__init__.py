@@ -227,8 +227,3 @@ def _dtoh(t) -> np.ndarray:
     span = np.empty(hi - lo, t.dtype)
     check(driver.cuMemcpyDtoH(span.ctypes.data, t.ptr + lo * t.dtype.itemsize, span.nbytes))
     return np.lib.stride_tricks.as_strided(span[-lo:], t.shape, [s * t.dtype.itemsize for s in t.strides]).copy()
-
-
-def unavailable_error() -> GraphcError:
-    ok, why = CudaBackend.available()
-    return GraphcError("cuda", f"backend is not available here: {why}", "--backend")

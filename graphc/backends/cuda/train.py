@@ -298,12 +298,6 @@ class CudaTrainStep(TrainStep):
                 raise ValueError("optimizer state does not match the model's parameter count")
             _htod(t.ptr, np.ascontiguousarray(a[lo:hi]))
 
-    def read_grads(self) -> np.ndarray:
-        from graphc.backends.cuda import _dtoh
-
-        self.backend.rt.synchronize()
-        return _dtoh(self.grads)
-
     def profile(self, repeat: int = 3) -> list[tuple[str, float]]:
         """Milliseconds per lowered node (eager launches between events), summed by node."""
         from graphc.runtime.cuda.driver import EventTimer
